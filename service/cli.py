@@ -54,7 +54,8 @@ def synth(
     if report.skipped_existing:
         typer.echo(f"skipped {len(report.skipped_existing)} patients already present")
     if n:
-        typer.echo(f"patients without lesion: {report.fraction_without_lesion:.0%} of those written")
+        typer.echo(f"patients without lesion: {report.fraction_without_lesion:.0%} "
+                   "of those written")
     if preview is not None:
         wanted = {f"SYN{seed}_{i:04d}" for i in range(patients)}
         cases = [c for c in find_cases(out).cases if c.pid in wanted]
@@ -96,3 +97,7 @@ def data_check(
         typer.secho(f"skipped {path}: {problem}", fg=typer.colors.YELLOW)
     if problems:
         raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

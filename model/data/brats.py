@@ -124,9 +124,8 @@ def find_cases(root: Path | str) -> CohortScan:
 
 def _check_labels(vol: Volume, allowed: set[int], what: str) -> np.ndarray:
     arr = vol.array
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(arr == np.round(arr)):
-            raise VolumeError(vol.path, f"{what} has non-integer values")
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(arr == np.round(arr)):
+        raise VolumeError(vol.path, f"{what} has non-integer values")
     values = set(np.unique(arr).astype(np.int64).tolist())
     bad = sorted(values - allowed)
     if bad:

@@ -150,10 +150,7 @@ def _to_unit_grey(img: Image.Image) -> np.ndarray:
         if arr.ndim == 3:
             if arr.shape[2] in (2, 4):  # drop alpha
                 arr = arr[..., :-1]
-            if arr.shape[2] == 3:
-                arr = arr @ _LUMA
-            else:
-                arr = arr[..., 0]
+            arr = arr @ _LUMA if arr.shape[2] == 3 else arr[..., 0]
         return arr
     raise ValueError(f"unsupported image mode {mode}")
 

@@ -1,0 +1,65 @@
+"""The `cbir` command: clear errors, exit codes, and the data check report."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+from typer.testing import CliRunner
+
+from service.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "synth" in result.output and "data" in result.output
+
+
+def test_synth_refuses_bad_counts(tmp_path):
+    result = runner.invoke(app, ["synth", "--out", str(tmp_path / "c"), "--patients", "0"])
+    assert result.exit_code == 2
+    assert "--patients must be at least 1" in result.output
+    result = runner.invoke(app, ["synth", "--out", str(tmp_path / "c"), "--workers", "0"])
+    assert result.exit_code == 2
+    assert "--workers must be at least 1" in result.output
+
+
+def test_synth_writes_and_reports(tmp_path):
+    out = tmp_path / "c"
+    preview = tmp_path / "p.png"
+    result = runner.invoke(app, ["synth", "--out", str(out), "--patients", "1", "--seed", "3",
+                                 "--preview", str(preview)])
+    assert result.exit_code == 0, result.output
+    assert "wrote 1 patients" in result.output and "patients/s" in result.output
+    assert "patients without lesion" in result.output
+    assert (out / "SYN3_0000").is_dir() and preview.stat().st_size > 10_000
+
+
+def test_data_check_reports_good_and_bad_patients(synth_cohort, tmp_path):
+    result = runner.invoke(app, ["data", "check", str(synth_cohort)])
+    assert result.exit_code == 0, result.output
+    assert "4 patients readable" in result.output
+
+    root = tmp_path / "mixed"
+    good = sorted(p for p in synth_cohort.iterdir() if p.is_dir())[0]
+    shutil.copytree(good, root / good.name)
+    bad = root / "BraTS20_Training_001"
+    bad.mkdir()
+    raw = gzip.compress(b"\0" * 4096)
+    (bad / "BraTS20_Training_001_t1ce.nii.gz").write_bytes(raw[: len(raw) // 2])
+    (root / "BraTS20_Training_002").mkdir()
+    (root / "BraTS20_Training_002" / "BraTS20_Training_002_seg.nii.gz").write_bytes(b"")
+    result = runner.invoke(app, ["data", "check", str(root)])
+    assert result.exit_code == 1
+    assert "1 patients readable" in result.output
+    assert "BraTS20_Training_001_t1ce.nii.gz" in result.output
+    assert "missing BraTS20_Training_002_t1ce.nii.gz" in result.output
+
+
+def test_data_check_names_a_missing_folder(tmp_path):
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "no such data folder" in result.output
