@@ -96,12 +96,13 @@ def _candidate_folders(root: Path) -> list[tuple[Path, str]]:
     for child in sorted(root.iterdir()):
         if not child.is_dir() or child.name.startswith("."):
             continue  # hidden: e.g. a synth run's unfinished temporary folder
-        if _looks_like_case(child):
+        subfolders = [g for g in sorted(child.iterdir())
+                      if g.is_dir() and not g.name.startswith(".")]
+        if _looks_like_case(child) or not subfolders:
+            # A patient folder; one with no NIfTI at all is reported as missing its t1ce.
             found.append((child, ""))
             continue
-        for grandchild in sorted(child.iterdir()):
-            if grandchild.is_dir() and not grandchild.name.startswith("."):
-                found.append((grandchild, child.name))
+        found += [(g, child.name) for g in subfolders]
     return found
 
 

@@ -64,9 +64,10 @@ def read_nifti(path: Path | str, dtype: np.dtype | None = np.float32) -> Volume:
         img = img.slicer[..., 0]
     elif len(shape) != 3:
         raise VolumeError(path, f"expected a 3-D volume, got shape {tuple(shape)}")
-    img = reorient_to_ras(img)
     try:
-        # Read the data now so that a truncated or corrupt file fails here, with its name.
+        # Reorienting a non-RAS file reads its data, so a truncated or corrupt file fails here,
+        # inside the try, and is reported with its name.
+        img = reorient_to_ras(img)
         data = np.asanyarray(img.dataobj)
     except (EOFError, OSError, zlib.error, ValueError) as exc:
         raise VolumeError(path, f"truncated or corrupt data ({exc})") from exc

@@ -115,7 +115,7 @@ def _open_image(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ValueError(f"image is too large to decode ({exc})") from exc
     except Exception as exc:
         raise ValueError("not a readable PNG or JPEG image") from exc
