@@ -16,6 +16,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect BraTS-style cohorts.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(help="Benchmarks that print measured figures.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 
 @app.callback()
@@ -60,6 +62,68 @@ def synth(
         wanted = {f"SYN{seed}_{i:04d}" for i in range(patients)}
         cases = [c for c in find_cases(out).cases if c.pid in wanted]
         typer.echo(f"preview: {write_preview(cases, preview)}")
+
+
+@app.command()
+def train(
+    data: Annotated[list[Path], typer.Option(help="Cohort folder (repeatable).")],
+    out: Annotated[Path, typer.Option(help="Checkpoint to write (atomically, every epoch).")],
+    preset: Annotated[str, typer.Option(help="Model preset: paper, small or tiny.")] = "small",
+    epochs: Annotated[int, typer.Option(help="Total epochs (counting resumed ones).")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Slices per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
+    rec_weight: Annotated[float, typer.Option(help="l3, weight of L_rec (paper: 1e4).")] = 1e4,
+    seed: Annotated[int, typer.Option(help="Seed of init, split, shuffling, augmentation.")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of patients held out.")] = 0.1,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Cap on steps per epoch (quick runs).")
+    ] = None,
+    no_augment: Annotated[
+        bool, typer.Option("--no-augment", help="Turn augmentation off.")
+    ] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the checkpoint at --out.")] = False,
+) -> None:
+    """Train the decomposition network; metrics go to <out>.metrics.jsonl each epoch."""
+    from model.checkpoint import CheckpointError
+    from model.config import PRESETS
+    from model.losses import LossWeights
+    from model.train import TrainConfig, TrainingError
+    from model.train import train as run_training
+
+    if preset not in PRESETS:
+        _fail(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size)):
+        if value < 1:
+            _fail(f"{name} must be at least 1, got {value}")
+    if not lr > 0:
+        _fail(f"--lr must be positive, got {lr}")
+    config = TrainConfig(preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                         val_fraction=val_fraction, augment=not no_augment,
+                         max_steps_per_epoch=max_steps, weights=LossWeights(rec=rec_weight))
+    try:
+        result = run_training(data, out, config, resume=resume, log_line=typer.echo)
+    except (TrainingError, CheckpointError) as exc:
+        _fail(str(exc))
+    for path, problem in result["skipped"]:
+        typer.secho(f"skipped {path}: {problem}", fg=typer.colors.YELLOW)
+    typer.echo(f"checkpoint: {out} ({result['train_slices']} training slices, "
+               f"{result['held_out_slices']} held out)")
+
+
+@bench_app.command("model")
+def bench_model(
+    presets: Annotated[list[str], typer.Option("--preset", help="Repeatable.")] = None,
+    batch: Annotated[int, typer.Option(help="Slices per batch.")] = 32,
+    repeats: Annotated[int, typer.Option(help="Timed repeats (median reported).")] = 5,
+) -> None:
+    """Encode throughput (codes + indices) beside the bare encoder stack, same run."""
+    from model.bench import encode_throughput
+
+    for name in presets or ["paper", "small"]:
+        r = encode_throughput(name, batch=batch, repeats=repeats)
+        typer.echo(f"{r['preset']:>6} on {r['device']}, batch {r['batch']}, median of "
+                   f"{r['repeats']}: encode {r['encode_slices_per_s']:.1f} slices/s, bare stack "
+                   f"{r['bare_slices_per_s']:.1f} slices/s, ratio {r['ratio']:.3f}")
 
 
 @data_app.command("check")

@@ -93,6 +93,10 @@ class SliceDataset(Dataset):
         ds.skipped = skipped + ds.skipped
         return ds
 
+    def indices_of(self, pids: set[str]) -> list[int]:
+        """Item indices of the slices of the given patients (for a patient-level split)."""
+        return [i for i, (p, _) in enumerate(self._items) if self.patients[p].pid in pids]
+
     def __len__(self) -> int:
         return len(self._items)
 

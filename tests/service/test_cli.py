@@ -63,3 +63,29 @@ def test_data_check_names_a_missing_folder(tmp_path):
     result = runner.invoke(app, ["data", "check", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "no such data folder" in result.output
+
+
+def test_train_names_bad_input(synth_cohort, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["train", "--data", str(tmp_path / "empty"),
+                                 "--out", str(tmp_path / "m.pt"), "--preset", "tiny"])
+    assert result.exit_code == 2
+    assert "no patient with a t1ce image under" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["train", "--data", str(tmp_path), "--out",
+                                 str(tmp_path / "m.pt"), "--preset", "huge"])
+    assert result.exit_code == 2 and "unknown preset 'huge'" in result.output
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"junk")
+    result = runner.invoke(app, ["train", "--data", str(synth_cohort), "--out", str(bad),
+                                 "--preset", "tiny", "--resume"])
+    assert result.exit_code == 2
+    assert "cannot resume" in result.output and "bad.pt: not a readable checkpoint" in result.output
+
+
+def test_bench_model_prints_both_throughputs():
+    result = runner.invoke(app, ["bench", "model", "--preset", "tiny", "--batch", "2",
+                                 "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert "encode" in result.output and "bare stack" in result.output
+    assert "ratio" in result.output

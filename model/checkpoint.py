@@ -1,0 +1,110 @@
+"""Checkpoints: written atomically, self-describing, and checked when read.
+
+A checkpoint is one ``torch.save`` file holding the model config (so it alone rebuilds its
+model), the preset name, the preprocessing version, the training data fingerprint, the epoch,
+the model/optimizer state and ``weights_sha256``: a hash of the model weights (names, dtypes,
+shapes, bytes) that indices record to refuse mixing codes from different models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config import ModelConfig
+from model.data.preprocess import PREPROCESSING_VERSION
+from model.network import DecompositionNet
+
+FORMAT = "compositional-cbir/checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: Path | str, problem: str):
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {problem}")
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path | str, model: DecompositionNet, preset: str,
+                    extra: dict[str, Any] | None = None) -> str:
+    """Write ``path`` atomically (temporary file, fsync, os.replace). Returns weights_sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    sha = weights_sha256(state)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "preset": preset,
+        "config": model.config.to_dict(),
+        "preprocessing_version": PREPROCESSING_VERSION,
+        "weights_sha256": sha,
+        "model": state,
+        **(extra or {}),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return sha
+
+
+def read_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Load and check a checkpoint file; raise ``CheckpointError`` naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(path, f"not a readable checkpoint ({type(exc).__name__})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(path, "not a compositional-cbir checkpoint")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(path, f"checkpoint format {payload.get('format_version')} is not "
+                                    f"{FORMAT_VERSION}")
+    if payload.get("preprocessing_version") != PREPROCESSING_VERSION:
+        raise CheckpointError(path, f"made with preprocessing version "
+                                    f"{payload.get('preprocessing_version')}, this code uses "
+                                    f"{PREPROCESSING_VERSION}")
+    if weights_sha256(payload["model"]) != payload.get("weights_sha256"):
+        raise CheckpointError(path, "weights do not match their recorded sha256 (corrupt file)")
+    return payload
+
+
+def load_model(path: Path | str, device: str | torch.device = "cpu"):
+    """The model a checkpoint describes, in eval mode on ``device``, and the checkpoint dict."""
+    payload = read_checkpoint(path)
+    try:
+        model = DecompositionNet(ModelConfig.from_dict(payload["config"]))
+        model.load_state_dict(payload["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(path, f"weights do not fit the recorded config ({exc})") from exc
+    return model.to(device).eval(), payload

@@ -1,0 +1,78 @@
+"""The encoder of Table A.1: one slice -> a 512 x 8 x 8 trunk -> normal and abnormal maps.
+
+Table A.1 names the layers but not their normalization or shortcut; we use ResNet basic blocks
+(conv-BN-ReLU, conv-BN, add, ReLU) with a 1x1 conv + BN projection where the width changes.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+
+
+class ResBlock(nn.Module):
+    """Table A.1 'Res-block [3x3 C] [3x3 C]'."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))  # (B, C, H, W)
+        h = self.bn2(self.conv2(h))  # (B, C, H, W)
+        return F.relu(h + self.shortcut(x))  # (B, C, H, W)
+
+
+class Encoder(nn.Module):
+    """x (B, 1, 256, 256) -> (z_e- normal, z_e+ abnormal), each (B, 64, 8, 8).
+
+    ``body`` holds Table A.1's rows in order (Conv, AvgPool, Res-block, AvgPool, ...), so its
+    children's outputs are the table's output shapes.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.in_channels = config.in_channels
+        self.image_size = config.image_size
+        stem_width, *stage_widths = config.encoder_widths
+        rows: list[nn.Module] = [
+            nn.Sequential(  # Table A.1, row 'Conv [5x5 32]'
+                nn.Conv2d(config.in_channels, stem_width, kernel_size=5, padding=2, bias=False),
+                nn.BatchNorm2d(stem_width),
+                nn.ReLU(),
+            ),
+            nn.AvgPool2d(2),
+        ]
+        width = stem_width
+        for stage_width in stage_widths:  # Table A.1, rows 'Res-block' + 'AvgPool'
+            rows += [ResBlock(width, stage_width), nn.AvgPool2d(2)]
+            width = stage_width
+        self.body = nn.Sequential(*rows)
+        # Table A.1, row 'Split [3x3 64], [3x3 64]'.
+        self.normal_head = nn.Conv2d(width, config.code_dim, kernel_size=3, padding=1)
+        self.abnormal_head = nn.Conv2d(width, config.code_dim, kernel_size=3, padding=1)
+
+    def trunk(self, x: Tensor) -> Tensor:
+        """The shared features before the split: (B, 1, 256, 256) -> (B, 512, 8, 8)."""
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"expected slices of shape (B, {', '.join(map(str, expected))}), "
+                f"got {tuple(x.shape)}"
+            )
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.trunk(x)  # (B, 512, 8, 8)
+        return self.normal_head(h), self.abnormal_head(h)  # (B, 64, 8, 8) each

@@ -1,0 +1,87 @@
+"""The five training losses of the paper (Appendix C) and their weighted total.
+
+``L_total = L_lat + l1 L_dis + l2 L_seg + l3 L_rec + l4 L_res``
+
+Generalized Dice and SSIM come from MONAI; what is specific to this method (the masks, the hinge
+of L_dis, the split of the abnormal commitment by slice) is written here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.losses import GeneralizedDiceLoss, SSIMLoss
+from torch import Tensor
+
+from model.network import DecompositionOutput
+
+
+@dataclass
+class LossWeights:
+    """Loss weights; defaults are the paper's (Appendix D)."""
+
+    beta: float = 0.25  # commitment weight of eq. (1) (VQ-VAE's value; the paper does not say)
+    dis: float = 1.0  # l1, on L_dis (eq. 3)
+    seg: float = 1.0  # l2, on L_seg (eq. 6)
+    rec: float = 1e4  # l3, on L_rec (eq. 9); the authors' code uses 5
+    res: float = 1.0  # l4, on L_res (eq. 10)
+    pi: float = 10.0  # threshold of the hinge in L_dis (eq. 3)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class DecompositionLoss(torch.nn.Module):
+    """Callable ``(output, image, target) -> (total, terms)``.
+
+    ``image`` (B, 1, H, W) in [0, 1]; ``target`` (B, H, W) int64 classes 0 background, 1 TC,
+    2 ED, 3 ET. ``terms`` holds every loss term as a detached float tensor, for logging.
+    """
+
+    def __init__(self, weights: LossWeights | None = None):
+        super().__init__()
+        self.weights = weights or LossWeights()
+        # eq. (4): classes are the abnormal ones only (K = 3), w_k = 1 / (sum y_k)^2; summed over
+        # the whole batch so a batch with one tiny lesion still has a finite weight.
+        self.dice = GeneralizedDiceLoss(include_background=False, to_onehot_y=True, softmax=True,
+                                        w_type="square", batch=True)
+        self.ssim = SSIMLoss(spatial_dims=2, data_range=1.0)  # 1 - SSIM (Wang et al., 2004)
+
+    def _l2_ssim(self, a: Tensor, b: Tensor) -> Tensor:
+        return F.mse_loss(a, b) + self.ssim(a, b)
+
+    def forward(self, out: DecompositionOutput, image: Tensor, target: Tensor):
+        w = self.weights
+        mask = (target > 0).unsqueeze(1).to(image.dtype)  # M: (B, 1, H, W)
+        normal_region = 1.0 - mask  # M-bar
+        abnormal_slice = mask.flatten(1).any(dim=1)  # (B,)
+        code_dim = out.abnormal_pre.shape[1]
+
+        # eqs. (1)-(2) with EMA codebooks: only the commitment term trains the encoder. On the
+        # abnormal path it applies to slices with abnormality; the others get L_dis instead.
+        dist_plus = out.abnormal.distance  # (B, 8, 8): ||z_e+ - sg[e+]||^2 per position
+        commit_plus = (dist_plus[abnormal_slice].sum() / (dist_plus[0].numel() * code_dim)
+                       / max(int(abnormal_slice.sum()), 1))
+        l_lat = w.beta * (out.normal.commitment + commit_plus)
+        # eq. (3): push z_e+ of slices without abnormality at least pi away from the codebook.
+        hinge = F.relu(w.pi - dist_plus[~abnormal_slice])
+        l_dis = hinge.mean() if hinge.numel() else dist_plus.sum() * 0.0
+
+        # eqs. (4)-(6)
+        l_seg = self.dice(out.logits, target.unsqueeze(1)) + F.cross_entropy(out.logits, target)
+
+        # eqs. (7)-(9)
+        x_minus, x_plus = out.pseudo_normal, out.reconstruction
+        l_rec_minus = self._l2_ssim(normal_region * x_minus, normal_region * image)
+        l_rec_plus = self._l2_ssim(x_plus, image) + self._l2_ssim(mask * x_plus, mask * image)
+        l_rec = l_rec_minus + l_rec_plus
+
+        # eq. (10)
+        l_res = (normal_region * (x_minus - x_plus)).abs().mean()
+
+        total = l_lat + w.dis * l_dis + w.seg * l_seg + w.rec * l_rec + w.res * l_res
+        terms = {"total": total, "lat": l_lat, "dis": l_dis, "seg": l_seg, "rec": l_rec,
+                 "rec_minus": l_rec_minus, "rec_plus": l_rec_plus, "res": l_res}
+        return total, {k: v.detach() for k, v in terms.items()}

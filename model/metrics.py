@@ -1,0 +1,45 @@
+"""Held-out metrics: SSIM inside and outside a region, and Dice per abnormal class."""
+
+from __future__ import annotations
+
+import torch
+from monai.metrics.regression import compute_ssim_and_cs
+from torch import Tensor
+
+SSIM_WINDOW = 11  # Wang et al. (2004): 11 x 11 Gaussian window, sigma 1.5
+_HALF = SSIM_WINDOW // 2
+
+
+def ssim_map(a: Tensor, b: Tensor) -> Tensor:
+    """Local SSIM of two (B, 1, H, W) images in [0, 1]: (B, 1, H - 10, W - 10), valid windows."""
+    s, _ = compute_ssim_and_cs(a.float(), b.float(), spatial_dims=2,
+                               kernel_size=(SSIM_WINDOW,) * 2, kernel_sigma=(1.5, 1.5),
+                               data_range=1.0)
+    return s
+
+
+def masked_ssim_sums(a: Tensor, b: Tensor, region: Tensor) -> tuple[float, int]:
+    """Sum of local SSIM over the window centres inside ``region`` (B, 1, H, W), and their count.
+
+    Sums, not means, so that a held-out set can be accumulated batch by batch.
+    """
+    s = ssim_map(a, b)
+    r = region[..., _HALF:-_HALF, _HALF:-_HALF].bool()
+    return float(s[r].sum()), int(r.sum())
+
+
+def dice_counts(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """Per class c >= 1: (intersection, |pred|, |target|) pixel counts, shape (num_classes-1, 3)."""
+    rows = []
+    for c in range(1, num_classes):
+        p, t = pred == c, target == c
+        rows.append(torch.stack([(p & t).sum(), p.sum(), t.sum()]))
+    return torch.stack(rows).double()
+
+
+def dice_from_counts(counts: Tensor) -> list[float | None]:
+    """Dice per class from accumulated counts; None where neither prediction nor truth has it."""
+    out = []
+    for inter, p, t in counts.tolist():
+        out.append(None if p + t == 0 else 2 * inter / (p + t))
+    return out

@@ -1,0 +1,64 @@
+"""The encoder against Table A.1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import PRESETS, preset
+from model.encoder import Encoder
+
+# Table A.1, the output shape of each row from 'Conv [5x5 32]' to the last 'AvgPool'.
+TABLE_A1 = [
+    (32, 256, 256),  # Conv 5x5 32
+    (32, 128, 128),  # AvgPool
+    (64, 128, 128),  # Res-block 64
+    (64, 64, 64),  # AvgPool
+    (128, 64, 64),  # Res-block 128
+    (128, 32, 32),  # AvgPool
+    (256, 32, 32),  # Res-block 256
+    (256, 16, 16),  # AvgPool
+    (512, 16, 16),  # Res-block 512
+    (512, 8, 8),  # AvgPool
+]
+
+
+def _row_shapes(encoder: Encoder, x: torch.Tensor) -> list[tuple[int, ...]]:
+    shapes: list[tuple[int, ...]] = []
+    hooks = [
+        row.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape[1:])))
+        for row in encoder.body
+    ]
+    try:
+        heads = encoder(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes + [tuple(h.shape[1:]) for h in heads]
+
+
+def test_paper_encoder_follows_table_a1():
+    torch.manual_seed(0)
+    encoder = Encoder(preset("paper")).eval()
+    with torch.no_grad():
+        shapes = _row_shapes(encoder, torch.rand(1, 1, 256, 256))
+    # ... then the split into z_e- and z_e+, 64 x 8 x 8 each.
+    assert shapes == TABLE_A1 + [(64, 8, 8), (64, 8, 8)]
+    print(f"\nencoder parameters, paper: {sum(p.numel() for p in encoder.parameters()):,}")
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if n != "paper"])
+def test_every_preset_gives_the_same_code_shape(name):
+    torch.manual_seed(0)
+    config = preset(name)
+    encoder = Encoder(config)
+    normal, abnormal = encoder(torch.rand(2, 1, 256, 256))
+    assert normal.shape == abnormal.shape == (2, 64, 8, 8)
+    assert encoder.trunk(torch.rand(1, 1, 256, 256)).shape == (1, config.encoder_widths[-1], 8, 8)
+    assert not torch.equal(normal, abnormal), "the two heads must be separate convolutions"
+
+
+@pytest.mark.parametrize("shape", [(1, 256, 256), (1, 3, 256, 256), (2, 1, 128, 128)])
+def test_encoder_rejects_other_inputs_by_shape(shape):
+    with pytest.raises(ValueError, match=r"\(B, 1, 256, 256\)"):
+        Encoder(preset("tiny"))(torch.rand(*shape))

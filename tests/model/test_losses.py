@@ -1,0 +1,317 @@
+"""The five losses of Appendix C, each checked against a hand-built DecompositionOutput.
+
+Every output field is built by hand (small tensors), so each term can be compared with a value
+computed here by an independent formula rather than with the module's own arithmetic.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.losses import DecompositionLoss, LossWeights
+from model.network import DecompositionOutput
+from model.quantizer import Quantized
+
+B, D, G, S = 4, 16, 8, 32  # batch, code dim, code grid, image side (>= the 11x11 SSIM window)
+ABNORMAL = torch.tensor([True, False, True, False])  # which slices of the batch carry a lesion
+
+
+def _target(abnormal: torch.Tensor = ABNORMAL, side: int = S) -> torch.Tensor:
+    """(B, H, W) labels; each abnormal slice has blocks of TC (1), ED (2) and ET (3)."""
+    t = torch.zeros(len(abnormal), side, side, dtype=torch.int64)
+    for b, abn in enumerate(abnormal.tolist()):
+        if abn:
+            o = 2 * b
+            t[b, 4 + o : 12 + o, 4:12] = 2  # edema, the largest class
+            t[b, 6 + o : 10 + o, 6:10] = 1  # core inside it
+            t[b, 16:19, 20 : 22 + b] = 3  # a small enhancing block elsewhere
+    return t
+
+
+def _quantized(z: torch.Tensor, e: torch.Tensor) -> Quantized:
+    """A quantizer pass on z with chosen code vectors e, as model.quantizer defines it."""
+    diff = (z - e) ** 2
+    return Quantized(quantized=e, indices=torch.zeros(z.shape[0], *z.shape[2:], dtype=torch.int64),
+                     commitment=diff.mean(), distance=diff.sum(1))
+
+
+def _output(seed: int = 0, *, batch: int = B, dist_plus: torch.Tensor | None = None,
+            logits: torch.Tensor | None = None, recon: torch.Tensor | None = None,
+            pseudo: torch.Tensor | None = None) -> DecompositionOutput:
+    g = torch.Generator().manual_seed(seed)
+    z_minus, e_minus = torch.randn(2, batch, D, G, G, generator=g)
+    z_plus, e_plus = torch.randn(2, batch, D, G, G, generator=g)
+    plus = _quantized(z_plus, e_plus)
+    if dist_plus is not None:
+        plus = plus._replace(distance=dist_plus)
+    # Always draw every tensor, so overriding one leaves the others as they were for that seed.
+    drawn = (torch.randn(batch, 4, S, S, generator=g), torch.rand(batch, 1, S, S, generator=g),
+             torch.rand(batch, 1, S, S, generator=g))
+    return DecompositionOutput(
+        normal_pre=z_minus, abnormal_pre=z_plus,
+        normal=_quantized(z_minus, e_minus), abnormal=plus,
+        logits=drawn[0] if logits is None else logits,
+        reconstruction=drawn[1] if recon is None else recon,
+        pseudo_normal=drawn[2] if pseudo is None else pseudo,
+    )
+
+
+def _image(seed: int = 100, batch: int = B) -> torch.Tensor:
+    return torch.rand(batch, 1, S, S, generator=torch.Generator().manual_seed(seed))
+
+
+def _terms(out: DecompositionOutput, image: torch.Tensor, target: torch.Tensor,
+           weights: LossWeights | None = None) -> dict[str, torch.Tensor]:
+    return DecompositionLoss(weights)(out, image, target)[1]
+
+
+# ---------------------------------------------------------------- L_dis (eq. 3)
+
+def test_dis_is_zero_when_normal_slices_are_beyond_pi():
+    dist = torch.full((B, G, G), 10.5)
+    dist[ABNORMAL] = 0.1  # abnormal slices close to the codebook: no concern of L_dis
+    dist[1, 3, 3] = 1e4
+    terms = _terms(_output(dist_plus=dist), _image(), _target())
+    assert terms["dis"].item() == 0.0
+
+
+def test_dis_is_the_mean_hinge_over_normal_slices():
+    g = torch.Generator().manual_seed(3)
+    dist = torch.rand(B, G, G, generator=g) * 20.0  # some below pi = 10, some above
+    normal = dist[~ABNORMAL]
+    expected = sum(max(10.0 - v, 0.0) for v in normal.flatten().tolist()) / normal.numel()
+    assert expected > 0.0
+    terms = _terms(_output(dist_plus=dist), _image(), _target())
+    assert terms["dis"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dis_uses_pi_from_the_weights():
+    dist = torch.full((B, G, G), 3.0)
+    terms = _terms(_output(dist_plus=dist), _image(), _target(), LossWeights(pi=5.0))
+    assert terms["dis"].item() == pytest.approx(2.0, rel=1e-6)
+
+
+def test_abnormal_distances_enter_lat_not_dis():
+    dist = torch.rand(B, G, G, generator=torch.Generator().manual_seed(4)) * 20.0
+    changed = dist.clone()
+    changed[ABNORMAL] += 7.0  # move only the slices with a lesion
+    a = _terms(_output(dist_plus=dist), _image(), _target())
+    b = _terms(_output(dist_plus=changed), _image(), _target())
+    assert torch.equal(a["dis"], b["dis"])
+    assert b["lat"].item() > a["lat"].item() + 1e-3
+    # Conversely, moving only the normal slices changes dis and leaves lat alone.
+    changed = dist.clone()
+    changed[~ABNORMAL] -= 5.0
+    c = _terms(_output(dist_plus=changed), _image(), _target())
+    assert c["dis"].item() > a["dis"].item() + 1e-3
+    assert torch.equal(a["lat"], c["lat"])
+
+
+def test_only_abnormal_slices_give_zero_dis_and_finite_total():
+    abnormal = torch.ones(B, dtype=torch.bool)
+    dist = torch.full((B, G, G), 0.5)  # far below pi: would be a large hinge on normal slices
+    total, terms = DecompositionLoss()(_output(dist_plus=dist), _image(), _target(abnormal))
+    assert terms["dis"].item() == 0.0
+    assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
+
+
+def test_dis_gradient_is_minus_one_over_n_below_pi_and_zero_above():
+    g = torch.Generator().manual_seed(5)
+    dist = (torch.rand(B, G, G, generator=g) * 20.0).requires_grad_()
+    total, _ = DecompositionLoss(LossWeights(beta=0.0, seg=0.0, rec=0.0, res=0.0))(
+        _output(dist_plus=dist), _image(), _target())
+    total.backward()
+    n = int((~ABNORMAL).sum()) * G * G
+    below = (dist.detach() < 10.0) & ~ABNORMAL[:, None, None]
+    expected = torch.where(below, torch.tensor(-1.0 / n), torch.tensor(0.0))
+    assert below.any() and (~below[~ABNORMAL]).any()
+    torch.testing.assert_close(dist.grad, expected, rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------- L_lat (eqs. 1-2)
+
+@pytest.mark.parametrize("beta", [0.25, 1.7])
+def test_lat_is_beta_times_normal_plus_abnormal_commitment_on_abnormal_slices(beta):
+    out = _output(seed=6)
+    normal = ((out.normal_pre - out.normal.quantized) ** 2).mean()
+    abn = ((out.abnormal_pre - out.abnormal.quantized)[ABNORMAL] ** 2).mean()
+    everything = ((out.abnormal_pre - out.abnormal.quantized) ** 2).mean()
+    assert abs(abn - everything) > 1e-3  # the restriction to abnormal slices is observable
+    terms = _terms(out, _image(), _target(), LossWeights(beta=beta))
+    assert terms["lat"].item() == pytest.approx(beta * (normal + abn).item(), rel=1e-5)
+
+
+def test_lat_without_abnormal_slices_is_the_normal_commitment_only():
+    out = _output(seed=7)
+    terms = _terms(out, _image(), _target(torch.zeros(B, dtype=torch.bool)), LossWeights(beta=2.0))
+    assert terms["lat"].item() == pytest.approx(2.0 * out.normal.commitment.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------- L_seg (eqs. 4-6)
+
+def _generalized_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float) -> torch.Tensor:
+    p = logits.double().softmax(1)[:, 1:]  # the 3 abnormal classes, no background
+    y = F.one_hot(target, 4).permute(0, 3, 1, 2).double()[:, 1:]
+    n_k = y.sum((0, 2, 3))  # summed over the batch and the pixels
+    w = 1.0 / n_k**2
+    inter = (w * (p * y).sum((0, 2, 3))).sum()
+    union = (w * (p + y).sum((0, 2, 3))).sum()
+    return 1.0 - (2.0 * inter + smooth) / (union + smooth)
+
+
+def test_seg_is_generalized_dice_plus_cross_entropy():
+    out = _output(seed=8)
+    target = _target()
+    # w_k weights make the classes of very different sizes count alike: check they differ.
+    sizes = F.one_hot(target, 4).sum((0, 1, 2))[1:]
+    assert len(set(sizes.tolist())) == 3
+    ce = F.cross_entropy(out.logits, target).double()
+    terms = _terms(out, _image(), target)
+    # MONAI adds 1e-5 to numerator and denominator; with w_k = 1/n_k^2 the weighted sums are only
+    # O(1/n_k), so that smoothing is part of the reference here, and without it agreement is ~1e-3.
+    exact = _generalized_dice(out.logits, target, smooth=1e-5) + ce
+    assert terms["seg"].item() == pytest.approx(exact.item(), abs=1e-5)
+    assert terms["seg"].item() == pytest.approx(
+        (_generalized_dice(out.logits, target, smooth=0.0) + ce).item(), abs=5e-3)
+    # An unweighted Dice would be a different number: the weights are observable.
+    p = out.logits.double().softmax(1)[:, 1:]
+    y = F.one_hot(target, 4).permute(0, 3, 1, 2).double()[:, 1:]
+    plain = 1.0 - 2.0 * (p * y).sum() / (p + y).sum()
+    assert abs(terms["seg"].item() - (plain + ce).item()) > 1e-3
+
+
+def test_seg_is_near_zero_for_perfect_confident_logits():
+    target = _target()
+    logits = F.one_hot(target, 4).permute(0, 3, 1, 2).float() * 40.0 - 20.0
+    terms = _terms(_output(seed=9, logits=logits), _image(), target)
+    assert 0.0 <= terms["seg"].item() < 1e-4
+    wrong = _terms(_output(seed=9, logits=-logits), _image(), target)
+    assert wrong["seg"].item() > 1.0
+
+
+# ---------------------------------------------------------------- L_rec, L_res (eqs. 7-10)
+
+def _inside(target: torch.Tensor) -> torch.Tensor:
+    return (target > 0).unsqueeze(1)
+
+
+def test_pseudo_normal_inside_the_lesion_does_not_matter_for_rec_minus_and_res():
+    target = _target()
+    out = _output(seed=10)
+    noise = torch.rand(B, 1, S, S, generator=torch.Generator().manual_seed(11))
+    pseudo = torch.where(_inside(target), noise, out.pseudo_normal)
+    assert not torch.equal(pseudo, out.pseudo_normal)
+    a = _terms(out, _image(), target)
+    b = _terms(_output(seed=10, pseudo=pseudo), _image(), target)
+    torch.testing.assert_close(b["rec_minus"], a["rec_minus"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b["res"], a["res"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b["rec_plus"], a["rec_plus"], rtol=0, atol=0)
+
+
+def test_pseudo_normal_outside_the_lesion_changes_rec_minus_and_res():
+    target = _target()
+    out = _output(seed=12)
+    noise = torch.rand(B, 1, S, S, generator=torch.Generator().manual_seed(13))
+    pseudo = torch.where(_inside(target), out.pseudo_normal, noise)
+    a = _terms(out, _image(), target)
+    b = _terms(_output(seed=12, pseudo=pseudo), _image(), target)
+    assert abs(b["rec_minus"].item() - a["rec_minus"].item()) > 1e-4
+    assert abs(b["res"].item() - a["res"].item()) > 1e-4
+
+
+def test_reconstruction_inside_the_lesion_changes_rec_plus():
+    target = _target()
+    out = _output(seed=14)
+    recon = torch.where(_inside(target), 1.0 - out.reconstruction, out.reconstruction)
+    a = _terms(out, _image(), target)
+    b = _terms(_output(seed=14, recon=recon), _image(), target)
+    assert abs(b["rec_plus"].item() - a["rec_plus"].item()) > 1e-4
+    assert torch.equal(a["rec_minus"], b["rec_minus"])
+
+
+def test_res_is_l1_between_pseudo_normal_and_reconstruction_on_the_normal_region():
+    target = _target()
+    out = _output(seed=15)
+    m = _inside(target).float()
+    expected = ((1.0 - m) * (out.pseudo_normal - out.reconstruction)).abs().mean()
+    whole = (out.pseudo_normal - out.reconstruction).abs().mean()
+    assert abs(expected - whole) > 1e-3  # the mask is observable
+    terms = _terms(out, _image(), target)
+    assert terms["res"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def _ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM (Wang et al., 2004): 11x11 Gaussian window, sigma 1.5, valid windows only,
+    data range 1; written over unfolded windows in float64, independently of MONAI's convolutions.
+    """
+    x = torch.arange(11, dtype=torch.float64) - 5.0
+    g = torch.exp(-(x**2) / (2 * 1.5**2))
+    w = torch.outer(g, g).flatten() / g.sum() ** 2  # (121,)
+    pa, pb = (F.unfold(t.double(), 11) for t in (a, b))  # (B, 121, windows)
+    mu_a, mu_b = (w[:, None] * pa).sum(1), (w[:, None] * pb).sum(1)
+    var_a = (w[:, None] * pa * pa).sum(1) - mu_a**2
+    var_b = (w[:, None] * pb * pb).sum(1) - mu_b**2
+    cov = (w[:, None] * pa * pb).sum(1) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)
+         / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)))
+    return s.mean()  # every slice has the same number of windows: mean over slices of means
+
+
+def _l2_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a.double() - b.double()) ** 2).mean() + 1.0 - _ssim(a, b)
+
+
+def test_rec_terms_are_l2_plus_one_minus_ssim_on_their_regions():
+    target = _target()
+    image = _image(20)
+    out = _output(seed=20)
+    m = _inside(target).double()
+    x_minus, x_plus = out.pseudo_normal.double(), out.reconstruction.double()
+    rec_minus = _l2_ssim((1 - m) * x_minus, (1 - m) * image)
+    rec_plus = _l2_ssim(x_plus, image) + _l2_ssim(m * x_plus, m * image)
+    terms = _terms(out, image, target)
+    assert terms["rec_minus"].item() == pytest.approx(rec_minus.item(), abs=1e-5)
+    assert terms["rec_plus"].item() == pytest.approx(rec_plus.item(), abs=1e-5)
+    assert terms["rec"].item() == pytest.approx((rec_minus + rec_plus).item(), abs=2e-5)
+
+
+def test_rec_and_res_vanish_when_both_images_equal_the_input():
+    target = _target()
+    image = _image(16)
+    out = _output(seed=16, recon=image.clone(), pseudo=image.clone())
+    terms = _terms(out, image, target)
+    assert abs(terms["rec"].item()) < 1e-6
+    assert abs(terms["rec_minus"].item()) < 1e-6 and abs(terms["rec_plus"].item()) < 1e-6
+    assert terms["res"].item() == 0.0
+    # and a visibly different reconstruction does not vanish
+    other = _terms(_output(seed=16, recon=1.0 - image, pseudo=image.clone()), image, target)
+    assert other["rec"].item() > 0.1
+
+
+# ---------------------------------------------------------------- total
+
+def test_total_is_the_weighted_sum_of_the_terms():
+    w = LossWeights(beta=0.7, dis=0.3, seg=2.5, rec=40.0, res=3.0, pi=12.0)
+    dist = torch.rand(B, G, G, generator=torch.Generator().manual_seed(17)) * 20.0
+    total, terms = DecompositionLoss(w)(_output(seed=17, dist_plus=dist), _image(), _target())
+    for name in ("lat", "dis", "seg", "rec", "res"):
+        assert terms[name].item() > 0.0, name
+    expected = (terms["lat"] + w.dis * terms["dis"] + w.seg * terms["seg"]
+                + w.rec * terms["rec"] + w.res * terms["res"])
+    torch.testing.assert_close(total.detach(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(terms["total"], total.detach())
+    torch.testing.assert_close(terms["rec"], terms["rec_minus"] + terms["rec_plus"])
+    assert not any(v.requires_grad for v in terms.values())
+
+
+def test_batch_without_lesions_is_finite_and_seg_reduces_to_cross_entropy():
+    target = _target(torch.zeros(B, dtype=torch.bool))
+    out = _output(seed=21)
+    total, terms = DecompositionLoss()(out, _image(), target)
+    assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
+    # No abnormal class present: every Dice weight is inf -> 0, so only the smoothing is left.
+    ce = F.cross_entropy(out.logits, target)
+    assert terms["seg"].item() == pytest.approx(ce.item(), abs=1e-5)
