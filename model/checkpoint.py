@@ -60,6 +60,7 @@ def save_checkpoint(path: Path | str, model: DecompositionNet, preset: str,
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # readable by a server run as another user
         with os.fdopen(fd, "wb") as fh:
             torch.save(payload, fh)
             fh.flush()

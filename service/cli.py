@@ -18,6 +18,17 @@ data_app = typer.Typer(help="Inspect BraTS-style cohorts.", no_args_is_help=True
 app.add_typer(data_app, name="data")
 bench_app = typer.Typer(help="Benchmarks that print measured figures.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+index_app = typer.Typer(help="Build and maintain the FAISS indices and the catalogue.",
+                        no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+DataOpt = Annotated[list[Path], typer.Option("--data", help="Cohort folder (repeatable).")]
+IndexOpt = Annotated[Path, typer.Option("--index", help="Index directory.")]
+DbOpt = Annotated[
+    str | None,
+    typer.Option("--db", help="Catalogue URL (default: SQLite inside the index directory)."),
+]
+CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", help="Model checkpoint.")]
 
 
 @app.callback()
@@ -124,6 +135,142 @@ def bench_model(
         typer.echo(f"{r['preset']:>6} on {r['device']}, batch {r['batch']}, median of "
                    f"{r['repeats']}: encode {r['encode_slices_per_s']:.1f} slices/s, bare stack "
                    f"{r['bare_slices_per_s']:.1f} slices/s, ratio {r['ratio']:.3f}")
+
+
+@bench_app.command("index")
+def bench_index(
+    data: DataOpt,
+    checkpoint: Annotated[Path, typer.Option(help="Model checkpoint.")],
+    batch_size: Annotated[int, typer.Option(help="Slices per encode batch.")] = 32,
+    workers: Annotated[int, typer.Option(help="NIfTI reader processes.")] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed bare batches before and after.")] = 5,
+) -> None:
+    """End-to-end indexing slices/s beside the bare encode throughput, same run and batch."""
+    from indexer.bench import indexing_throughput
+
+    for name, value, least in (("--batch-size", batch_size, 1), ("--workers", workers, 0),
+                               ("--repeats", repeats, 1)):
+        if value < least:
+            _fail(f"{name} must be at least {least}, got {value}")
+    try:
+        r = indexing_throughput(data, checkpoint, batch_size=batch_size, workers=workers,
+                                repeats=repeats)
+    except _index_errors() as exc:
+        _fail(str(exc))
+    for path, problem in r["skipped"]:
+        typer.secho(f"skipped {path}: {problem}", fg=typer.colors.YELLOW)
+    if not r["slices"]:
+        _fail("no brain slice was indexed: nothing to measure")
+    typer.echo(f"bare encode: {r['encode_slices_per_s']:.1f} slices/s ({r['preset']} on "
+               f"{r['device']}, batch {r['batch']}, median of {r['repeats']})")
+    typer.echo(f"end-to-end indexing: {r['indexing_slices_per_s']:.1f} slices/s "
+               f"({r['slices']} slices of {r['patients']} patients in {r['seconds']:.1f} s, "
+               f"{r['workers']} workers)")
+    typer.echo(f"ratio {r['ratio']:.3f} (goal >= {r['goal']:.2f})")
+
+
+def _print_report(report) -> None:
+    typer.echo(f"{report.operation}: generation {report.generation}; "
+               f"{len(report.patients_added)} patients / {report.slices_added} slices added, "
+               f"{len(report.patients_removed)} patients removed; index now "
+               f"{report.total_patients} patients, {report.total_slices} slices")
+    if report.slices_added:
+        typer.echo(f"encoded {report.slices_added} slices in {report.encode_seconds:.1f} s "
+                   f"({report.slices_per_s:.1f} slices/s)")
+    per = ", ".join(f"{s} {b:,} B" for s, b in report.bytes_per_slice.items())
+    typer.echo(f"bytes per slice: {per}; index files {report.index_bytes / 2**20:.1f} MiB")
+    for path, problem in report.skipped:
+        typer.secho(f"skipped {path}: {problem}", fg=typer.colors.YELLOW)
+
+
+def _index_errors():
+    from indexer.store import IndexStoreError
+    from model.checkpoint import CheckpointError
+
+    return (IndexStoreError, CheckpointError, FileNotFoundError)
+
+
+@index_app.command("build")
+def index_build(data: DataOpt, out: Annotated[Path, typer.Option(help="Index directory.")],
+                checkpoint: CheckpointOpt = None, db: DbOpt = None,
+                batch_size: Annotated[int, typer.Option(help="Slices per encode batch.")] = 32,
+                workers: Annotated[int, typer.Option(help="NIfTI reader processes.")] = 2) -> None:
+    """Encode every brain slice of the cohorts into a new index directory."""
+    from indexer.build import Indexer
+
+    try:
+        report = Indexer(out, db).build(data, checkpoint, batch_size=batch_size,
+                                        workers=workers)
+    except _index_errors() as exc:
+        _fail(str(exc))
+    _print_report(report)
+
+
+@index_app.command("add")
+def index_add(index: IndexOpt, data: DataOpt, checkpoint: CheckpointOpt = None,
+              db: DbOpt = None,
+              replace: Annotated[bool, typer.Option(help="Re-encode patients already in.")] = False,
+              batch_size: Annotated[int, typer.Option(help="Slices per encode batch.")] = 32,
+              workers: Annotated[int, typer.Option(help="NIfTI reader processes.")] = 2) -> None:
+    """Add patients without re-encoding those already indexed."""
+    from indexer.build import Indexer
+
+    try:
+        report = Indexer(index, db).add(data, checkpoint, replace=replace,
+                                        batch_size=batch_size, workers=workers)
+    except _index_errors() as exc:
+        _fail(str(exc))
+    _print_report(report)
+
+
+@index_app.command("remove")
+def index_remove(index: IndexOpt,
+                 patient: Annotated[list[str], typer.Option(help="Patient id (repeatable).")],
+                 db: DbOpt = None) -> None:
+    """Remove patients from the catalogue and from all three indices."""
+    from indexer.build import Indexer
+
+    try:
+        report = Indexer(index, db).remove(patient)
+    except _index_errors() as exc:
+        _fail(str(exc))
+    _print_report(report)
+
+
+@index_app.command("verify")
+def index_verify(index: IndexOpt, db: DbOpt = None, checkpoint: CheckpointOpt = None) -> None:
+    """Check catalogue, index files, thumbnails and checkpoint agree; exit 1 naming each
+    inconsistency."""
+    from indexer.verify import verify
+
+    try:
+        problems = verify(index, db, checkpoint)
+    except _index_errors() as exc:
+        _fail(str(exc))
+    for problem in problems:
+        typer.secho(f"inconsistent: {problem}", fg=typer.colors.RED)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{index}: consistent")
+
+
+@index_app.command("stats")
+def index_stats(index: IndexOpt, db: DbOpt = None) -> None:
+    """Patients, slices, abnormal fraction and sizes."""
+    from indexer.verify import stats
+
+    try:
+        s = stats(index, db)
+    except _index_errors() as exc:
+        _fail(str(exc))
+    frac = "n/a" if s["abnormal_fraction"] is None else f"{s['abnormal_fraction']:.1%}"
+    typer.echo(f"generation {s['generation']} ({s['preset']}, checkpoint "
+               f"{(s['checkpoint_sha256'] or '')[:12]}): {s['patients']} patients, "
+               f"{s['slices']} slices, {frac} with abnormality")
+    for space, size in s["index_bytes"].items():
+        typer.echo(f"  {space:>8}: {size / 2**20:.1f} MiB, {s['bytes_per_slice'][space]:,} "
+                   f"B per slice")
+    typer.echo(f"  thumbnails {s['thumbnail_bytes'] / 2**20:.1f} MiB")
 
 
 @data_app.command("check")

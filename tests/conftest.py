@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,3 +20,76 @@ def synth_cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cohort")
     synthesize(out, patients=COHORT_PATIENTS, seed=COHORT_SEED, workers=2, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(synth_cohort, tmp_path_factory) -> Path:
+    """A `tiny` checkpoint: untrained weights (retrieval invariants hold for any weights), with
+    BatchNorm statistics moved off their initial values and both codebooks seeded from encoder
+    outputs of real slices, so that slices get varied codes in both spaces (a random codebook
+    maps every slice to the same abnormal code, which would make abnormal-space tests vacuous).
+    """
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import preset
+    from model.data.brats import find_cases, load_case
+    from model.data.dataset import case_slices
+    from model.network import DecompositionNet
+
+    torch.manual_seed(0)
+    net = DecompositionNet(preset("tiny"))
+    case = next(c for c in find_cases(synth_cohort).cases if c.pid.endswith("_0000"))
+    images = torch.from_numpy(case_slices(load_case(case)).image[::2, None].copy())
+    with torch.no_grad():
+        net(images[:16])  # BatchNorm statistics from real slices
+        net.eval()
+        normal, abnormal = net.encoder(images)  # (S, 64, 8, 8) each
+        for quantizer, z in ((net.normal_quantizer, normal), (net.abnormal_quantizer, abnormal)):
+            flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            pick = torch.randperm(flat.shape[0])[: quantizer.codebook_size]
+            quantizer.codebook.copy_(flat[pick])
+            quantizer.codebook_sum.copy_(flat[pick] * quantizer.cluster_size[:, None])
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, net.eval(), "tiny")
+    return path
+
+
+def _postgres_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+PG_ADMIN_DSN = os.environ.get("CBIR_TEST_PG", "host=127.0.0.1 port=5432 dbname=test")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A fresh, empty catalogue database: SQLite in tmp_path, or a new PostgreSQL database
+    (created on the server at 127.0.0.1:5432, dropped afterwards).
+
+    PostgreSQL tests skip when no server answers, unless CBIR_REQUIRE_POSTGRES=1 (CI), where
+    they fail instead.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+        return
+    if not _postgres_available():
+        if os.environ.get("CBIR_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL required but not reachable at {PG_ADMIN_DSN}")
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN_DSN}")
+    import psycopg
+
+    name = f"cbir_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    params = dict(p.split("=", 1) for p in PG_ADMIN_DSN.split())
+    yield (f"postgresql+psycopg://{params.get('user', '')}@{params.get('host', '127.0.0.1')}:"
+           f"{params.get('port', '5432')}/{name}")
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,0 +1,409 @@
+"""``cbir index build|add|remove``: encode cohorts into the three indices and the catalogue.
+
+Encoding overlaps I/O: a DataLoader's worker processes read, reorient and normalise each
+patient's NIfTI files (the shared preprocessing path) while the main process encodes the
+previous patient's slices in batches on the GPU when there is one. See ``indexer.store`` for the
+crash-safe write protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from indexer import store
+from indexer.catalog import IndexBuild, Patient, Slice, active_build, encode_codes, open_catalog
+from indexer.layout import LAYOUT_VERSION, SPACES, space_vectors
+from model.checkpoint import load_model
+from model.data import preprocess
+from model.data.brats import Case, find_cases, load_case
+from model.data.dataset import case_slices
+from model.data.nifti import VolumeError
+from model.data.preprocess import PREPROCESSING_VERSION
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "cbir-small.pt"
+
+
+@dataclass
+class IndexReport:
+    """What a build/add/remove did; printed by the CLI."""
+
+    operation: str
+    generation: int
+    patients_added: list[str] = field(default_factory=list)
+    patients_removed: list[str] = field(default_factory=list)
+    slices_added: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, problem)
+    encode_seconds: float = 0.0
+    total_slices: int = 0
+    total_patients: int = 0
+    bytes_per_slice: dict[str, int] = field(default_factory=dict)
+    index_bytes: int = 0
+
+    @property
+    def slices_per_s(self) -> float:
+        return self.slices_added / self.encode_seconds if self.encode_seconds > 0 else 0.0
+
+
+@dataclass
+class EncodedPatient:
+    case: Case
+    slice_index: np.ndarray  # (S,)
+    normal_idx: np.ndarray  # (S, 8, 8)
+    abnormal_idx: np.ndarray  # (S, 8, 8)
+    thumbnails: bytes  # .npz of the slices as uint8 images and label maps (store.thumbnails_npz)
+    areas: np.ndarray | None  # (S, 3) pixels of labels 1, 2, 4; None without segmentation
+    brain_area: np.ndarray  # (S,)
+
+
+def _identity(item):
+    """DataLoader collate that keeps numpy arrays as they are (module level: picklable)."""
+    return item
+
+
+class _PatientSlices(Dataset):
+    """Item i: patient i's brain slices in the model's frame, or the reason it is unreadable.
+
+    Runs in the loader's worker processes: everything but encoding (reading, preprocessing,
+    label areas, thumbnail compression) happens here, off the main process.
+    """
+
+    def __init__(self, cases: list[Case]):
+        self.cases = cases
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int):
+        case = self.cases[i]
+        try:
+            vols = load_case(case, with_healthy=False)
+        except VolumeError as exc:
+            return case, None, f"{exc.path}: {exc.problem}"
+        stacks = case_slices(vols)
+        if len(stacks.slice_index) == 0:
+            return case, None, (f"{case.t1ce}: no axial slice with at least "
+                                f"{preprocess.MIN_BRAIN_PIXELS} brain pixels")
+        seg = areas = None
+        if vols.seg is not None:
+            seg = preprocess.axial_slices(vols.seg)[stacks.slice_index]
+            areas = np.stack([(seg == k).sum(axis=(1, 2)) for k in (1, 2, 4)], axis=1)
+        thumbnails = store.thumbnails_npz(stacks.slice_index,
+                                          np.rint(stacks.image * 255).astype(np.uint8), seg)
+        return case, (stacks.image, stacks.slice_index, areas,
+                      (stacks.image > 0).sum(axis=(1, 2)), thumbnails), None
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.inference_mode()
+def encode_slices(model, images: np.ndarray, batch_size: int, device: torch.device):
+    """(S, 256, 256) float32 -> normal and abnormal code indices, each (S, 8, 8) int64."""
+    normal, abnormal = [], []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start:start + batch_size][:, None]).to(device)
+        codes = model.encode(x)
+        normal.append(codes.normal_indices.cpu().numpy())
+        abnormal.append(codes.abnormal_indices.cpu().numpy())
+    return np.concatenate(normal), np.concatenate(abnormal)
+
+
+def encode_cases(model, cases: list[Case], batch_size: int = 32, workers: int = 2,
+                 device: torch.device | None = None, progress: bool = True):
+    """Yield ``EncodedPatient`` or ``(case, problem)`` per case, in order."""
+    device = device or _device()
+    loader = DataLoader(_PatientSlices(cases), batch_size=None, num_workers=workers,
+                        collate_fn=_identity, prefetch_factor=2 if workers else None)
+    bar = tqdm(total=len(cases), desc="indexing", unit="patient", disable=not progress)
+    slices = 0
+    started = time.perf_counter()
+    try:
+        for case, payload, problem in loader:
+            bar.update()
+            if problem is not None:
+                yield case, problem
+                continue
+            images, slice_index, areas, brain_area, thumbnails = payload
+            normal, abnormal = encode_slices(model, images, batch_size, device)
+            slices += len(normal)
+            bar.set_postfix(slices_per_s=f"{slices / (time.perf_counter() - started):.1f}")
+            yield EncodedPatient(case=case, slice_index=slice_index, normal_idx=normal,
+                                 abnormal_idx=abnormal, thumbnails=thumbnails, areas=areas,
+                                 brain_area=brain_area)
+    finally:
+        bar.close()
+
+
+def codebooks_of(model) -> dict[str, np.ndarray]:
+    return {"normal": model.normal_quantizer.codebook.detach().cpu().numpy(),
+            "abnormal": model.abnormal_quantizer.codebook.detach().cpu().numpy()}
+
+
+def _slice_rows(patient_id: int, first_id: int, enc: EncodedPatient) -> list[Slice]:
+    rows = []
+    for r, k in enumerate(enc.slice_index):
+        areas = {}
+        if enc.areas is not None:
+            tc, ed, et = (int(a) for a in enc.areas[r])
+            areas = {"area_tc": tc, "area_ed": ed, "area_et": et}
+        rows.append(Slice(
+            id=first_id + r,
+            patient_id=patient_id,
+            slice_index=int(k),
+            has_abnormality=None if enc.areas is None else bool(enc.areas[r].sum() > 0),
+            brain_area=int(enc.brain_area[r]),
+            normal_codes=encode_codes(enc.normal_idx[r]),
+            abnormal_codes=encode_codes(enc.abnormal_idx[r]),
+            **areas,
+        ))
+    return rows
+
+
+def _cohort_name(case: Case) -> str:
+    """The cohort folder's name, with the BraTS 2019 group: ``MICCAI_BraTS_2019/HGG``."""
+    if case.group:
+        return f"{case.folder.parent.parent.name}/{case.group}"
+    return case.folder.parent.name
+
+
+def _scan(data: list[Path]) -> tuple[list[Case], list[tuple[str, str]]]:
+    cases, skipped = [], []
+    for root in data:
+        scan = find_cases(root)
+        cases += scan.cases
+        skipped += [(str(p), why) for p, why in scan.skipped]
+    seen: dict[str, Case] = {}
+    for case in cases:
+        if case.pid in seen:
+            raise store.IndexStoreError(
+                f"patient id {case.pid} appears twice: {seen[case.pid].folder} and {case.folder}")
+        seen[case.pid] = case
+    return cases, skipped
+
+
+class Indexer:
+    """Writes to one index directory. Use ``build``, ``add`` and ``remove``."""
+
+    def __init__(self, index_dir: Path | str, db_url: str | None = None):
+        self.index_dir = Path(index_dir)
+        self.db_url = db_url
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def _manifest(self, create: bool, checkpoint: Path | None) -> dict:
+        if create:
+            manifest = {"db_url": self.db_url, "checkpoint": str(Path(checkpoint).resolve())}
+            store.write_manifest(self.index_dir, manifest)
+            return manifest
+        manifest = store.read_manifest(self.index_dir)
+        if self.db_url is None:
+            self.db_url = manifest.get("db_url")
+        return manifest
+
+    def _engine(self):
+        return open_catalog(self.db_url or store.default_db_url(self.index_dir))
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def build(self, data: list[Path], checkpoint: Path | None = None, **kw) -> IndexReport:
+        """A new index from cohort folders; refuses a directory that already holds one.
+
+        A directory left by a build that never committed (killed, or failed) is built afresh.
+        Nothing is written before the data folders and the checkpoint have been checked.
+        """
+        checkpoint = Path(checkpoint or DEFAULT_CHECKPOINT)
+        cases, skipped = _scan([Path(d) for d in data])
+        model, ckpt = self._load_model(checkpoint)
+        if (self.index_dir / "index.json").exists() and self._has_active_build():
+            raise store.IndexStoreError(
+                f"{self.index_dir} already holds an index: use `cbir index add` to extend it")
+        with store.writer_lock(self.index_dir):
+            self._manifest(create=True, checkpoint=checkpoint)
+            return self._change(model, ckpt, cases, skipped, replace=False, operation="build",
+                                **kw)
+
+    def add(self, data: list[Path], checkpoint: Path | None = None, replace: bool = False,
+            **kw) -> IndexReport:
+        manifest = self._manifest(create=False, checkpoint=None)  # before creating anything
+        cases, skipped = _scan([Path(d) for d in data])
+        model, ckpt = self._load_model(Path(checkpoint or manifest["checkpoint"]))
+        with store.writer_lock(self.index_dir):
+            return self._change(model, ckpt, cases, skipped, replace=replace,
+                                operation="replace" if replace else "add", **kw)
+
+    def remove(self, pids: list[str]) -> IndexReport:
+        self._manifest(create=False, checkpoint=None)  # before creating anything
+        with store.writer_lock(self.index_dir):
+            engine = self._engine()
+            with Session(engine) as session:
+                current = self._require_active(session)
+                patients = session.scalars(
+                    select(Patient).where(Patient.external_id.in_(pids))).all()
+                missing = sorted(set(pids) - {p.external_id for p in patients})
+                if missing:
+                    raise store.IndexStoreError(f"not in the index: {', '.join(missing)}")
+                ids = np.array(session.scalars(select(Slice.id).where(
+                    Slice.patient_id.in_([p.id for p in patients]))).all(), dtype=np.int64)
+                indices = store.read_generation(self.index_dir, current.generation)
+                for space in SPACES:
+                    indices[space].remove_ids(faiss.IDSelectorBatch(ids))
+                gen = current.generation + 1
+                store.write_generation(self.index_dir, gen, indices)
+                removed_ids = [p.id for p in patients]
+                session.execute(delete(Slice).where(Slice.patient_id.in_(removed_ids)))
+                session.execute(delete(Patient).where(Patient.id.in_(removed_ids)))
+                report = self._commit(session, current, gen, "remove", current.checkpoint_sha256,
+                                      current.preset, current.next_patient_id,
+                                      current.next_slice_id)
+                report.patients_removed = sorted(pids)
+            self._collect_garbage(engine)
+            engine.dispose()
+            return self._sizes(report, indices)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _load_model(self, checkpoint: Path):
+        if not checkpoint.is_file():
+            raise store.IndexStoreError(
+                f"{checkpoint}: no checkpoint there; pass --checkpoint (train one with "
+                f"`cbir train`)")
+        model, ckpt = load_model(checkpoint, _device())
+        return model, ckpt
+
+    @staticmethod
+    def _require_active(session: Session) -> IndexBuild:
+        current = active_build(session)
+        if current is None:
+            raise store.IndexStoreError("the catalogue has no active index build")
+        return current
+
+    def _has_active_build(self) -> bool:
+        manifest = store.read_manifest(self.index_dir)
+        engine = open_catalog(manifest.get("db_url") or store.default_db_url(self.index_dir))
+        try:
+            with Session(engine) as session:
+                return active_build(session) is not None
+        finally:
+            engine.dispose()
+
+    def _change(self, model, ckpt: dict, cases: list[Case], skipped: list[tuple[str, str]],
+                replace: bool, operation: str, batch_size: int = 32, workers: int = 2,
+                progress: bool = True) -> IndexReport:
+        engine = self._engine()
+        with Session(engine) as session:
+            current = active_build(session)
+            if current is not None and current.checkpoint_sha256 != ckpt["weights_sha256"]:
+                raise store.IndexStoreError(
+                    f"this index was built with checkpoint {current.checkpoint_sha256[:12]} "
+                    f"({current.preset}); the checkpoint given is "
+                    f"{ckpt['weights_sha256'][:12]} ({ckpt['preset']}): codes of different "
+                    f"models cannot be mixed")
+            existing = {p.external_id: p for p in session.scalars(
+                select(Patient).where(Patient.external_id.in_([c.pid for c in cases])))}
+            if existing and not replace:
+                raise store.IndexStoreError(
+                    f"already indexed: {', '.join(sorted(existing))}; pass --replace to "
+                    f"re-encode them")
+            next_patient = current.next_patient_id if current else 1
+            next_slice = current.next_slice_id if current else 1
+            indices = (store.read_generation(self.index_dir, current.generation) if current
+                       else {s: store.empty_index(s) for s in SPACES})
+            books = codebooks_of(model)
+            report = IndexReport(operation=operation, generation=0, skipped=list(skipped))
+            new_patients: list[Patient] = []
+            new_rows: list[Slice] = []
+            started = time.perf_counter()
+            for item in encode_cases(model, cases, batch_size, workers, progress=progress):
+                if isinstance(item, tuple):
+                    report.skipped.append((str(item[0].folder), item[1]))
+                    continue
+                pid = next_patient
+                next_patient += 1
+                rows = _slice_rows(pid, next_slice, item)
+                next_slice += len(rows)
+                ids = np.array([r.id for r in rows], dtype=np.int64)
+                vecs = space_vectors(books, item.normal_idx, item.abnormal_idx)
+                for space in SPACES:
+                    indices[space].add_with_ids(vecs[space], ids)
+                store.write_thumbnails(self.index_dir, pid, item.thumbnails)
+                new_patients.append(Patient(
+                    id=pid, external_id=item.case.pid, source_path=str(item.case.t1ce),
+                    cohort=_cohort_name(item.case),
+                    slice_count=len(rows)))
+                new_rows += rows
+                report.patients_added.append(item.case.pid)
+                report.slices_added += len(rows)
+            report.encode_seconds = time.perf_counter() - started
+            replaced = [p for pid_, p in existing.items() if pid_ in report.patients_added]
+            if replaced:
+                old_ids = np.array(session.scalars(select(Slice.id).where(
+                    Slice.patient_id.in_([p.id for p in replaced]))).all(), dtype=np.int64)
+                for space in SPACES:
+                    indices[space].remove_ids(faiss.IDSelectorBatch(old_ids))
+                report.patients_removed = sorted(p.external_id for p in replaced)
+            gen = (current.generation if current else 0) + 1
+            store.write_generation(self.index_dir, gen, indices)  # before the commit
+            if replaced:
+                replaced_ids = [p.id for p in replaced]
+                session.execute(delete(Slice).where(Slice.patient_id.in_(replaced_ids)))
+                session.execute(delete(Patient).where(Patient.id.in_(replaced_ids)))
+            session.add_all(new_patients)
+            session.flush()
+            session.add_all(new_rows)
+            committed = self._commit(session, current, gen, operation, ckpt["weights_sha256"],
+                                     ckpt["preset"], next_patient, next_slice)
+            report.generation = committed.generation
+            report.total_patients = committed.total_patients
+            report.total_slices = committed.total_slices
+        self._collect_garbage(engine)
+        engine.dispose()
+        return self._sizes(report, indices)
+
+    def _commit(self, session: Session, current: IndexBuild | None, gen: int, operation: str,
+                sha: str, preset: str, next_patient: int, next_slice: int) -> IndexReport:
+        """The switch: rows and the new active generation in one transaction."""
+        session.flush()
+        patients = session.scalar(select(func.count()).select_from(Patient))
+        slices = session.scalar(select(func.count()).select_from(Slice))
+        if current is not None:
+            current.status = "superseded"
+            session.flush()  # one active row at any moment, even inside the transaction
+        session.add(IndexBuild(generation=gen, operation=operation, checkpoint_sha256=sha,
+                               preset=preset, layout_version=LAYOUT_VERSION,
+                               preprocessing_version=PREPROCESSING_VERSION, patients=patients,
+                               slices=slices, next_patient_id=next_patient,
+                               next_slice_id=next_slice, status="active"))
+        session.commit()
+        return IndexReport(operation=operation, generation=gen, total_patients=patients,
+                           total_slices=slices)
+
+    def _collect_garbage(self, engine) -> None:
+        with Session(engine) as session:
+            current = active_build(session)
+            ids = set(session.scalars(select(Patient.id)).all())
+        store.collect_garbage(self.index_dir, current.generation if current else None, ids)
+
+    def _sizes(self, report: IndexReport, indices: dict) -> IndexReport:
+        total = 0
+        for space in SPACES:
+            size = store.faiss_path(self.index_dir, space, report.generation).stat().st_size
+            total += size
+            n = indices[space].ntotal
+            report.bytes_per_slice[space] = size // n if n else 0
+        report.index_bytes = total
+        return report

@@ -1,0 +1,159 @@
+"""The slice/patient catalogue (SQLAlchemy 2.0). Its schema is created and changed only by the
+Alembic migrations in ``migrations/``; ``open_catalog`` upgrades a database to head.
+
+The catalogue is the source of truth of an index: every slice's code indices are stored here, so
+the FAISS files can always be checked against (and rebuilt from) it. ``index_builds`` records one
+row per generation of the index files; exactly one is ``active`` once anything was built, and
+flipping it is the commit point of every change (see ``indexer.store``).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+CODE_SHAPE = (8, 8)  # code positions per slice and per code
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    external_id: Mapped[str] = mapped_column(String(255), unique=True)  # e.g. BraTS20_Training_001
+    source_path: Mapped[str] = mapped_column(String(4096))  # the t1ce file indexed
+    cohort: Mapped[str] = mapped_column(String(255))  # cohort folder name (and HGG/LGG group)
+    slice_count: Mapped[int] = mapped_column(Integer)
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+    slices: Mapped[list[Slice]] = relationship(back_populates="patient",
+                                               cascade="all, delete-orphan",
+                                               passive_deletes=True)
+
+
+class Slice(Base):
+    __tablename__ = "slices"
+    __table_args__ = (UniqueConstraint("patient_id", "slice_index"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)  # FAISS id
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"),
+                                            index=True)
+    slice_index: Mapped[int] = mapped_column(Integer)  # axial index in the RAS+ volume
+    has_abnormality: Mapped[bool | None] = mapped_column(Boolean)  # None: no segmentation
+    area_tc: Mapped[int | None] = mapped_column(Integer)  # pixels of label 1
+    area_ed: Mapped[int | None] = mapped_column(Integer)  # pixels of label 2
+    area_et: Mapped[int | None] = mapped_column(Integer)  # pixels of label 4
+    brain_area: Mapped[int] = mapped_column(Integer)  # pixels > 0
+    normal_codes: Mapped[bytes] = mapped_column(LargeBinary)  # 8x8 uint16 little-endian
+    abnormal_codes: Mapped[bytes] = mapped_column(LargeBinary)  # 8x8 uint16 little-endian
+
+    patient: Mapped[Patient] = relationship(back_populates="slices")
+
+    def code_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """The (8, 8) normal and abnormal code indices."""
+        return decode_codes(self.normal_codes), decode_codes(self.abnormal_codes)
+
+
+class IndexBuild(Base):
+    __tablename__ = "index_builds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, unique=True)  # names the FAISS files
+    operation: Mapped[str] = mapped_column(String(32))  # build, add, remove, replace
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64))
+    preset: Mapped[str] = mapped_column(String(32))
+    layout_version: Mapped[int] = mapped_column(Integer)
+    preprocessing_version: Mapped[int] = mapped_column(Integer)
+    patients: Mapped[int] = mapped_column(Integer)
+    slices: Mapped[int] = mapped_column(Integer)
+    # Ids are never reused: a removed slice's id never names another slice.
+    next_patient_id: Mapped[int] = mapped_column(Integer)
+    next_slice_id: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    status: Mapped[str] = mapped_column(String(16))  # active, superseded
+
+
+def encode_codes(indices: np.ndarray) -> bytes:
+    arr = np.asarray(indices)
+    if arr.shape != CODE_SHAPE or arr.min() < 0 or arr.max() > 65535:
+        raise ValueError(f"code indices must be {CODE_SHAPE} in 0..65535, got {arr.shape}")
+    return arr.astype("<u2").tobytes()
+
+
+def decode_codes(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<u2").reshape(CODE_SHAPE).astype(np.int64)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")  # ON DELETE CASCADE
+    cur.execute("PRAGMA journal_mode=WAL")  # readers keep reading while a writer commits
+    cur.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str = "base") -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)
+
+
+def open_catalog(url: str, migrate: bool = True) -> Engine:
+    """An engine on ``url``, upgraded to the head migration first when ``migrate``."""
+    if migrate:
+        upgrade(url)
+    return make_engine(url)
+
+
+def active_build(session: Session) -> IndexBuild | None:
+    return session.scalars(select(IndexBuild).where(IndexBuild.status == "active")).one_or_none()

@@ -1,0 +1,164 @@
+"""``cbir index verify`` and ``cbir index stats``: check an index against its catalogue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import func, inspect, select
+from sqlalchemy.orm import Session
+
+from indexer import store
+from indexer.build import codebooks_of
+from indexer.catalog import IndexBuild, Patient, Slice, active_build, decode_codes, open_catalog
+from indexer.layout import DIMS, LAYOUT_VERSION, SPACES, space_vectors
+from model.checkpoint import CheckpointError, load_model
+
+MAX_LISTED = 10
+
+
+def _ids(ids) -> str:
+    ids = sorted(int(i) for i in ids)
+    more = f" and {len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else ""
+    return ", ".join(map(str, ids[:MAX_LISTED])) + more
+
+
+def _engine(index_dir: Path, db_url: str | None):
+    manifest = store.read_manifest(index_dir)
+    url = db_url or manifest.get("db_url") or store.default_db_url(index_dir)
+    return manifest, open_catalog(url, migrate=False)
+
+
+NO_ACTIVE_BUILD = "the catalogue has no active index build"
+
+
+def _has_tables(engine) -> bool:
+    """False for a build killed before its catalogue was migrated: nothing was committed."""
+    return inspect(engine).has_table("index_builds")
+
+
+def verify(index_dir: Path | str, db_url: str | None = None,
+           checkpoint: Path | str | None = None) -> list[str]:
+    """Every inconsistency between catalogue, index files, thumbnails and checkpoint, named.
+
+    An empty list means the index is consistent.
+    """
+    index_dir = Path(index_dir)
+    problems: list[str] = []
+    manifest, engine = _engine(index_dir, db_url)
+    if not _has_tables(engine):
+        engine.dispose()
+        return [NO_ACTIVE_BUILD]
+    with Session(engine) as session:
+        current = active_build(session)
+        if current is None:
+            return [NO_ACTIVE_BUILD]
+        rows = session.execute(select(Slice.id, Slice.normal_codes, Slice.abnormal_codes)).all()
+        patients = session.execute(select(Patient.id, Patient.external_id,
+                                          Patient.slice_count)).all()
+        per_patient = dict(session.execute(
+            select(Slice.patient_id, func.count()).group_by(Slice.patient_id)).all())
+    engine.dispose()
+    catalogue_ids = np.array([r.id for r in rows], dtype=np.int64)
+    if current.slices != len(rows):
+        problems.append(f"build {current.generation} records {current.slices} slices, the "
+                        f"catalogue holds {len(rows)}")
+    if current.patients != len(patients):
+        problems.append(f"build {current.generation} records {current.patients} patients, the "
+                        f"catalogue holds {len(patients)}")
+    if current.layout_version != LAYOUT_VERSION:
+        problems.append(f"vector layout {current.layout_version}, this code uses "
+                        f"{LAYOUT_VERSION}")
+    for pid, ext, count in patients:
+        if per_patient.get(pid, 0) != count:
+            problems.append(f"patient {ext} records {count} slices, the catalogue holds "
+                            f"{per_patient.get(pid, 0)}")
+        if not store.thumbnail_path(index_dir, pid).is_file():
+            problems.append(f"patient {ext}: thumbnails file {pid}.npz is missing")
+
+    try:
+        indices = store.read_generation(index_dir, current.generation)
+    except store.IndexStoreError as exc:
+        return problems + [str(exc)]
+    catalogue_set = set(catalogue_ids.tolist())
+    present = set(catalogue_set)  # ids found in the catalogue and in every index
+    for space in SPACES:
+        index = indices[space]
+        if index.d != DIMS[space]:
+            problems.append(f"{space} index has {index.d} dimensions, expected {DIMS[space]}")
+        ids = store.index_ids(index)
+        id_set = set(ids.tolist())
+        present &= id_set
+        if len(ids) != len(id_set):
+            problems.append(f"{space} index holds duplicate ids")
+        if missing := catalogue_set - id_set:
+            problems.append(f"{space} index lacks {len(missing)} slice id(s) of the catalogue: "
+                            f"{_ids(missing)}")
+        if extra := id_set - catalogue_set:
+            problems.append(f"{space} index holds {len(extra)} slice id(s) not in the "
+                            f"catalogue: {_ids(extra)}")
+
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise CheckpointError(checkpoint, "checkpoint file not found")  # bad input, not state
+    ckpt_path = Path(checkpoint or manifest.get("checkpoint") or "")
+    try:
+        model, ckpt = load_model(ckpt_path)
+    except CheckpointError as exc:
+        return problems + [f"cannot check vectors: {exc}"]
+    if ckpt["weights_sha256"] != current.checkpoint_sha256:
+        problems.append(f"checkpoint {ckpt_path} has weights {ckpt['weights_sha256'][:12]}, the "
+                        f"index was built with {current.checkpoint_sha256[:12]}")
+        return problems
+    # Every stored vector equals the codebook lookup of the catalogue's code indices.
+    books = codebooks_of(model)
+    common = [r for r in rows if r.id in present]
+    if common:
+        normal = np.stack([decode_codes(r.normal_codes) for r in common])
+        abnormal = np.stack([decode_codes(r.abnormal_codes) for r in common])
+        expected = space_vectors(books, normal, abnormal)
+        for space in SPACES:
+            stored = np.stack([indices[space].reconstruct(int(r.id)) for r in common])
+            bad = np.flatnonzero(~np.all(stored == expected[space], axis=1))
+            if bad.size:
+                problems.append(f"{space} index: {bad.size} vector(s) differ from the codes in "
+                                f"the catalogue: slice id(s) {_ids(common[i].id for i in bad)}")
+    return problems
+
+
+def stats(index_dir: Path | str, db_url: str | None = None) -> dict:
+    """Patients, slices, abnormal fraction, sizes on disk."""
+    index_dir = Path(index_dir)
+    _, engine = _engine(index_dir, db_url)
+    if not _has_tables(engine):
+        engine.dispose()
+        raise store.IndexStoreError(f"{index_dir}: {NO_ACTIVE_BUILD} (a build never "
+                                    f"completed); run `cbir index build` again")
+    with Session(engine) as session:
+        current = active_build(session)
+        patients = session.scalar(select(func.count()).select_from(Patient))
+        slices = session.scalar(select(func.count()).select_from(Slice))
+        abnormal = session.scalar(select(func.count()).select_from(Slice).where(
+            Slice.has_abnormality.is_(True)))
+        labelled = session.scalar(select(func.count()).select_from(Slice).where(
+            Slice.has_abnormality.is_not(None)))
+        builds = session.scalar(select(func.count()).select_from(IndexBuild))
+    engine.dispose()
+    sizes = {}
+    if current is not None:
+        for space in SPACES:
+            sizes[space] = store.faiss_path(index_dir, space, current.generation).stat().st_size
+    thumbs = sum(p.stat().st_size for p in (index_dir / store.SLICES_DIR).glob("*.npz"))
+    db = index_dir / "catalog.sqlite"
+    return {
+        "generation": current.generation if current else None,
+        "checkpoint_sha256": current.checkpoint_sha256 if current else None,
+        "preset": current.preset if current else None,
+        "patients": patients,
+        "slices": slices,
+        "abnormal_fraction": abnormal / labelled if labelled else None,
+        "index_bytes": sizes,
+        "bytes_per_slice": {s: (b // slices if slices else 0) for s, b in sizes.items()},
+        "thumbnail_bytes": thumbs,
+        "catalog_bytes": db.stat().st_size if db.is_file() else None,
+        "builds": builds,
+    }
