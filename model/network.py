@@ -20,6 +20,7 @@ from model.config import ModelConfig
 from model.decoders import ImageDecoder, SegmentationDecoder
 from model.encoder import Encoder
 from model.quantizer import Quantized, VectorQuantizer
+from model.spade import SPADE
 
 
 @dataclass
@@ -72,6 +73,9 @@ class DecompositionNet(nn.Module):
         self.segmentation_decoder = SegmentationDecoder(config)
         self.image_decoder = ImageDecoder(config)
         self.apply(he_init)
+        for module in self.image_decoder.modules():
+            if isinstance(module, SPADE):
+                module.reset_modulation()
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Quantized, Quantized]:
         normal_pre, abnormal_pre = self.encoder(x)  # (B, 64, 8, 8) each

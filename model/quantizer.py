@@ -71,6 +71,8 @@ class VectorQuantizer(nn.Module):
         # first step; zero sizes would divide an unused code by eps and blow it up.
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("codebook_sum", codebook.clone())
+        # False until the first training step seeds the codebook from data (``_init_from``).
+        self.register_buffer("initialized", torch.tensor(False))
 
     def extra_repr(self) -> str:
         return (
@@ -99,6 +101,12 @@ class VectorQuantizer(nn.Module):
             codes = self._vectors(indices)  # (B, D, H, W), before this step's EMA update
 
             if self.training:
+                if not bool(self.initialized):
+                    self._init_from(flat.detach())
+                    distances = torch.cdist(flat.detach(), self.codebook)  # (N, K)
+                    flat_indices = distances.argmin(1)
+                    indices = flat_indices.view(batch, height, width)
+                    codes = self._vectors(indices)
                 self._update(flat.detach(), flat_indices)
 
             residual = (z - codes.detach()).pow(2)  # (B, D, H, W)
@@ -112,6 +120,23 @@ class VectorQuantizer(nn.Module):
             commitment=residual.mean(),
             distance=residual.sum(1),
         )
+
+    @torch.no_grad()
+    def _init_from(self, flat: Tensor) -> None:
+        """Data-dependent init at the first training step: the K codes become encoder outputs
+        of that batch (drawn with replacement when it holds fewer than K positions).
+
+        A codebook drawn from N(0, 1) lies far from the encoder's outputs; in short CPU runs
+        nearly every position then chose the same few codes (1-2% of codes in use after 40
+        steps) long before a dead code could be restarted (~460 steps at decay 0.99).
+        """
+        picks = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)
+        if flat.shape[0] >= self.codebook_size:
+            picks = torch.randperm(flat.shape[0], device=flat.device)[: self.codebook_size]
+        self.codebook.copy_(flat[picks])
+        self.cluster_size.fill_(1.0)
+        self.codebook_sum.copy_(self.codebook)
+        self.initialized.fill_(True)
 
     @torch.no_grad()
     def _update(self, flat: Tensor, flat_indices: Tensor) -> None:

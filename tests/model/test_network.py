@@ -7,9 +7,11 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from model.config import PRESETS, ModelConfig, preset
 from model.network import DecompositionNet
+from model.spade import SPADE
 
 
 def _tiny(seed: int = 0) -> DecompositionNet:
@@ -108,8 +110,29 @@ def test_condition_detaches_logits_and_zeroes_background_positions():
     assert torch.equal(condition[0, :, 1, 0], logits[0, :, 1, 0].detach())
 
 
-def test_pseudo_normal_is_decode_with_an_all_zero_condition():
+def test_untrained_spade_does_not_modulate():
+    """Zero-initialised gamma and beta: at init the condition changes nothing, x_hat+ == x_hat-."""
     net = _tiny().eval()
+    x = _slices()
+    with torch.no_grad():
+        assert torch.equal(net.reconstruct(x), net.pseudo_normal(x))
+    spades = [m for m in net.image_decoder.modules() if isinstance(m, SPADE)]
+    assert len(spades) == 15
+    assert all(m.gamma.weight.eq(0).all() and m.beta.bias.eq(0).all() for m in spades)
+
+
+def _with_modulation(net):
+    """Give every SPADE layer non-zero gamma and beta, as training would."""
+    torch.manual_seed(1)
+    for m in net.image_decoder.modules():
+        if isinstance(m, SPADE):
+            for conv in (m.gamma, m.beta):
+                nn.init.normal_(conv.weight, std=0.1)
+    return net
+
+
+def test_pseudo_normal_is_decode_with_an_all_zero_condition():
+    net = _with_modulation(_tiny()).eval()
     x = _slices()
     with torch.no_grad():
         codes = net.encode(x)

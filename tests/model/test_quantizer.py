@@ -95,6 +95,7 @@ def test_ema_changes_the_codebook_only_in_training_mode():
 def test_ema_moves_a_code_to_the_mean_of_its_inputs():
     torch.manual_seed(6)
     vq = VectorQuantizer(8, 4, decay=0.9, dead_code_ratio=0.0).train()
+    vq.initialized.fill_(True)  # a hand-set codebook: skip the data-dependent init
     with torch.no_grad():
         vq.codebook.mul_(10)  # spread the codes so the inputs below all pick code 0
         vq.codebook_sum.copy_(vq.codebook)
@@ -115,6 +116,7 @@ def _rows_of(vectors: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 def test_unused_codes_are_reseeded_from_the_batch_in_one_step():
     torch.manual_seed(7)
     vq = VectorQuantizer(16, 4, decay=0.5, dead_code_ratio=0.5)
+    vq.initialized.fill_(True)  # a hand-set codebook: skip the data-dependent init
     with torch.no_grad():
         vq.codebook[0].zero_()
         vq.codebook[1:] += 20  # far away: nothing below picks codes 1..15
@@ -143,6 +145,7 @@ def test_dead_codes_restart_after_a_grace_period_with_default_rule():
     """Decay 0.99, ratio 0.01: batches that only ever reach codes 0 and 1 at first."""
     torch.manual_seed(8)
     vq = VectorQuantizer(16, 4).train()  # the defaults: decay 0.99, dead_code_ratio 0.01
+    vq.initialized.fill_(True)  # a hand-set codebook: skip the data-dependent init
     with torch.no_grad():
         vq.codebook[2:] += 50
         vq.codebook_sum.copy_(vq.codebook)
@@ -219,3 +222,25 @@ def test_lookup_rejects_bad_indices(indices, message):
 def test_forward_rejects_a_map_of_the_wrong_depth():
     with pytest.raises(ValueError, match=r"\(B, 64, H, W\)"):
         VectorQuantizer(512, 64)(torch.randn(1, 32, 8, 8))
+
+
+def test_first_training_step_seeds_the_codebook_from_the_batch():
+    torch.manual_seed(9)
+    vq = VectorQuantizer(32, 4).train()
+    z = torch.randn(2, 4, 8, 8) * 5 + 30  # far from the N(0, 1) initial codebook
+    vq(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    # Every code is one of the batch's vectors, moved by one EMA step toward its members.
+    nearest = torch.cdist(vq.codebook, flat).min(1).values
+    assert nearest.max() < 5 and bool(vq.initialized)
+    assert vq.usage(vq(z).indices).used_fraction > 0.5
+    before = vq.codebook.clone()
+    vq.eval()(z + 100)  # eval: neither init nor EMA
+    assert torch.equal(vq.codebook, before)
+
+
+def test_eval_before_any_training_does_not_init():
+    vq = VectorQuantizer(32, 4).eval()
+    before = vq.codebook.clone()
+    vq(torch.randn(1, 4, 8, 8) + 30)
+    assert torch.equal(vq.codebook, before) and not bool(vq.initialized)
