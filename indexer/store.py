@@ -20,9 +20,7 @@ from __future__ import annotations
 import fcntl
 import io
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +29,7 @@ import faiss
 import numpy as np
 
 from indexer.layout import DIMS, SPACES
+from model.atomic import atomic_write
 
 FORMAT = "compositional-cbir/index"
 FAISS_DIR = "faiss"
@@ -40,31 +39,6 @@ _FAISS_NAME = re.compile(r"^(normal|abnormal|concat)-(\d+)\.faiss$")
 
 class IndexStoreError(ValueError):
     """An index directory that cannot be used as asked; the message says why."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync, rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from a server run as another user
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def default_db_url(index_dir: Path) -> str:

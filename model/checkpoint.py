@@ -9,13 +9,12 @@ shapes, bytes) that indices record to refuse mixing codes from different models.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from model.atomic import atomic_write
 from model.config import ModelConfig
 from model.data.preprocess import PREPROCESSING_VERSION
 from model.network import DecompositionNet
@@ -44,8 +43,6 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 def save_checkpoint(path: Path | str, model: DecompositionNet, preset: str,
                     extra: dict[str, Any] | None = None) -> str:
     """Write ``path`` atomically (temporary file, fsync, os.replace). Returns weights_sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     sha = weights_sha256(state)
     payload = {
@@ -58,22 +55,7 @@ def save_checkpoint(path: Path | str, model: DecompositionNet, preset: str,
         "model": state,
         **(extra or {}),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # readable by a server run as another user
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, lambda fh: torch.save(payload, fh))
     return sha
 
 

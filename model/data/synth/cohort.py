@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from model.atomic import fsync_dir
 from model.data.synth.phantom import BRATS_AFFINE, render_patient
 from model.data.synth.template import load_template
 
@@ -49,14 +50,6 @@ class SynthReport:
         return sum(v == 0 for v in self.lesion_counts.values()) / n if n else 0.0
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _to_brats_storage(ras: np.ndarray) -> np.ndarray:
     """RAS+ voxel order -> the LPS order BraTS files are stored in (see ``BRATS_AFFINE``)."""
     return np.ascontiguousarray(ras[::-1, ::-1, :])
@@ -75,9 +68,9 @@ def _write_patient(out: Path, seed: int, n: int) -> tuple[str, dict]:
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
         (tmp / "synth.json").write_text(json.dumps({"seed": seed, "n": n, **arrays["summary"]}))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.replace(tmp, out / pid)
-        _fsync_dir(out)
+        fsync_dir(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
