@@ -77,10 +77,6 @@ class Slice(Base):
 
     patient: Mapped[Patient] = relationship(back_populates="slices")
 
-    def code_indices(self) -> tuple[np.ndarray, np.ndarray]:
-        """The (8, 8) normal and abnormal code indices."""
-        return decode_codes(self.normal_codes), decode_codes(self.abnormal_codes)
-
 
 class IndexBuild(Base):
     __tablename__ = "index_builds"
