@@ -310,5 +310,45 @@ def data_check(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    index: Annotated[Path | None, typer.Option(
+        "--index", help="Index directory (default: CBIR_INDEX_DIR, else ./index).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address (default: CBIR_HOST, 127.0.0.1).")]
+    = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: CBIR_PORT, 8000).")] = None,
+) -> None:
+    """Serve the search API and the web page; the index is loaded before the port opens.
+
+    Other settings come from CBIR_* environment variables (CBIR_API_KEY, CBIR_MAX_UPLOAD_MB,
+    CBIR_MAX_K, CBIR_DEVICE, ...; see service/config.py).
+    """
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.api.app import create_app
+    from service.config import Settings
+    from service.retrieval import Retrieval, RetrievalError
+
+    overrides = {k: v for k, v in (("index_dir", index), ("host", host), ("port", port))
+                 if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        _fail(f"bad setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+    try:
+        retrieval = Retrieval.open(settings.index_dir, db_url=settings.db_url,
+                                   checkpoint=settings.checkpoint, device=settings.device,
+                                   inference_workers=settings.inference_workers)
+    except RetrievalError as exc:
+        _fail(str(exc))
+    counts = retrieval.counts()
+    typer.echo(f"serving {counts['slices']} slices of {counts['patients']} patients "
+               f"(preset {retrieval.build.preset}) at http://{settings.host}:{settings.port}/ "
+               f"(API docs: /docs){'; API key required' if settings.api_key else ''}")
+    uvicorn.run(create_app(settings, retrieval), host=settings.host, port=settings.port,
+                log_level="info")
+
+
 if __name__ == "__main__":
     app()

@@ -155,7 +155,7 @@ def _to_unit_grey(img: Image.Image) -> np.ndarray:
     raise ValueError(f"unsupported image mode {mode}")
 
 
-def _fit_image(arr: np.ndarray, size: int = SLICE_SIZE) -> np.ndarray:
+def fit_image(arr: np.ndarray, size: int = SLICE_SIZE) -> np.ndarray:
     h, w = arr.shape
     if max(h, w) > size:
         scale = size / max(h, w)
@@ -176,4 +176,4 @@ def image_to_slice(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarra
         raise ValueError("empty file")
     img = _open_image(data, max_pixels)
     arr = _to_unit_grey(img)
-    return np.clip(_fit_image(arr), 0.0, 1.0).astype(np.float32)
+    return np.clip(fit_image(arr), 0.0, 1.0).astype(np.float32)

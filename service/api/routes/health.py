@@ -1,0 +1,52 @@
+"""GET /healthz, /readyz, /metrics and /info."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from indexer.layout import SPACES
+from service.api.deps import RetrievalDep, SettingsDep, require_key
+from service.api.schemas import Health, IndexInfo, Readiness
+
+public = APIRouter(tags=["operations"])
+private = APIRouter(tags=["operations"], dependencies=[Depends(require_key)])
+
+
+@public.get("/healthz", response_model=Health, summary="Alive")
+async def healthz() -> Health:
+    """Answers as long as the process serves requests (no model call, no I/O)."""
+    return Health(status="ok")
+
+
+@public.get("/readyz", response_model=Readiness, summary="Ready to search",
+            responses={503: {"description": "Not loaded, or index and catalogue disagree"}})
+async def readyz(request: Request):
+    """Model, indices and catalogue loaded, and every index holds exactly the catalogue's ids."""
+    retrieval = request.app.state.retrieval
+    if retrieval is None:
+        return JSONResponse({"detail": f"not loaded: {request.app.state.load_error}"}, 503)
+    problems = retrieval.consistency_problems()
+    if problems:
+        return JSONResponse({"detail": "; ".join(problems)}, 503)
+    return Readiness(status="ready", generation=retrieval.build.generation,
+                     slices=len(retrieval.slice_ids))
+
+
+@private.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry),
+                    media_type=CONTENT_TYPE_LATEST)
+
+
+@private.get("/info", response_model=IndexInfo, summary="What this server holds")
+async def info(retrieval: RetrievalDep, settings: SettingsDep) -> IndexInfo:
+    counts = retrieval.counts()
+    return IndexInfo(
+        **counts, generation=retrieval.build.generation, preset=retrieval.build.preset,
+        checkpoint_sha256=retrieval.build.checkpoint_sha256, spaces=list(SPACES),
+        default_k=min(settings.default_k, settings.max_k), max_k=settings.max_k,
+        max_upload_mb=settings.max_upload_mb, auth_required=bool(settings.api_key),
+        faiss_gpu=retrieval.faiss_gpu)

@@ -1,0 +1,226 @@
+"""POST /search, /compose and /slices/{id}/similar: nearest slices in a code space."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated
+
+from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import RetrievalDep, SettingsDep, SliceId
+from service.api.schemas import (
+    ComposeResponse,
+    Neighbor,
+    QueryInfo,
+    SearchResponse,
+    SimilarResponse,
+    Space,
+)
+from service.config import MAX_K_LIMIT, Settings
+from service.retrieval import (
+    Codes,
+    Hit,
+    NotFound,
+    Retrieval,
+    Timings,
+    grey_png,
+    overlay_png,
+)
+from service.uploads import (
+    EmptyUpload,
+    Limits,
+    QuerySlice,
+    UnsupportedUpload,
+    UploadError,
+    UploadTooLarge,
+    decode_query,
+)
+
+router = APIRouter(tags=["search"])
+
+SPACE_HELP = ("normal: same anatomy, lesion or not; abnormal: similar lesion in any anatomy; "
+              "concat: both")
+UPLOAD_HELP = ("PNG or JPEG slice (8/16-bit, grey or RGB), NIfTI volume (.nii, .nii.gz) or a "
+               "single DICOM file; the kind is read from the content")
+
+SpaceQ = Annotated[Space, Query(description=SPACE_HELP)]
+KQ = Annotated[int, Query(ge=1, le=MAX_K_LIMIT,
+                          description="Neighbours to return, 1..CBIR_MAX_K (default 100).")]
+SliceQ = Annotated[int | None, Query(ge=0, description="Axial slice of a NIfTI volume (or frame "
+                                                       "of a multi-frame DICOM); default: the "
+                                                       "middle one.")]
+ExcludeQ = Annotated[str | None, Query(max_length=255, description="Leave out this patient's "
+                                                                   "slices (external id).")]
+AbnormalQ = Annotated[bool | None, Query(description="Only slices whose labels hold a lesion "
+                                                     "(true) or hold none (false).")]
+
+_UPLOAD_STATUS = ((EmptyUpload, 400), (UnsupportedUpload, 415), (UploadTooLarge, 413))
+
+
+def _upload_error(exc: UploadError, field: str) -> HTTPException:
+    status = next((s for cls, s in _UPLOAD_STATUS if isinstance(exc, cls)), 422)
+    return HTTPException(status, detail=f"{field}: {exc}")
+
+
+def _check_k(k: int, settings: Settings) -> None:
+    if k > settings.max_k:
+        raise HTTPException(422, detail=f"k={k} is more than this server's maximum of "
+                                        f"{settings.max_k} (CBIR_MAX_K)")
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _neighbors(hits: list[Hit]) -> list[Neighbor]:
+    return [Neighbor(rank=h.rank, slice_id=h.slice_id, patient_id=h.patient_id,
+                     slice_index=h.slice_index, distance=h.distance,
+                     has_abnormality=h.has_abnormality,
+                     image_url=f"/slices/{h.slice_id}/image.png",
+                     overlay_url=f"/slices/{h.slice_id}/overlay.png" if h.has_labels else None,
+                     position_distances=h.position_distances.astype(float).round(6).tolist())
+            for h in hits]
+
+
+async def _read(upload: UploadFile) -> bytes:
+    try:
+        return await upload.read()
+    finally:
+        await upload.close()
+
+
+def _decode(data: bytes, slice_index: int | None, settings: Settings, timings: Timings,
+            field: str) -> QuerySlice:
+    limits = Limits(max_image_pixels=settings.max_image_pixels,
+                    max_volume_voxels=settings.max_volume_voxels)
+    with timings.stage("decode"):
+        try:
+            return decode_query(data, slice_index, limits)
+        except UploadError as exc:
+            raise _upload_error(exc, field) from None
+
+
+def _info(query: QuerySlice, labels) -> QueryInfo:
+    return QueryInfo(kind=query.kind, slice=query.slice, slice_count=query.slice_count,
+                     predicted_abnormal_pixels=int((labels > 0).sum()))
+
+
+def _search(retrieval: Retrieval, space: str, codes: Codes, k: int, timings: Timings,
+            **filters) -> list[Hit]:
+    try:
+        return retrieval.search(space, codes, k, timings, **filters)
+    except NotFound as exc:
+        raise HTTPException(404, detail=str(exc)) from None
+
+
+@router.post("/search", response_model=SearchResponse, summary="Search by an uploaded slice",
+             responses={400: {"description": "Empty file"},
+                        401: {"description": "Missing or wrong API key"},
+                        404: {"description": "exclude_patient names no indexed patient"},
+                        413: {"description": "Body, pixels or voxels over the limits"},
+                        415: {"description": "Not a PNG, JPEG, NIfTI or DICOM file"},
+                        422: {"description": "Unreadable file, slice out of range, bad query"}})
+async def search(
+    request: Request, retrieval: RetrievalDep, settings: SettingsDep,
+    file: Annotated[UploadFile, File(description=UPLOAD_HELP)],
+    space: SpaceQ = "normal", k: KQ = 10, slice: SliceQ = None,
+    exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None,
+) -> SearchResponse:
+    """The k indexed slices nearest to the upload's code in `space`, with the query's
+    reconstruction, pseudo-normal (lesion removed) and predicted segmentation.
+
+    Each neighbour carries an 8 x 8 map of how much each code position adds to its distance.
+    """
+    _check_k(k, settings)
+    data = await _read(file)
+    timings = Timings()
+    request.state.timings = timings.seconds
+
+    def work() -> SearchResponse:
+        query = _decode(data, slice, settings, timings, "file")
+        drawn = retrieval.draw(query.image, timings)
+        hits = _search(retrieval, space, drawn.codes, k, timings,
+                       exclude_patient=exclude_patient, has_abnormality=has_abnormality)
+        with timings.stage("render"):
+            return SearchResponse(
+                space=space, k=k, query=_info(query, drawn.labels),
+                image=_data_url(grey_png(query.image)),
+                reconstruction=_data_url(grey_png(drawn.reconstruction)),
+                pseudo_normal=_data_url(grey_png(drawn.pseudo_normal)),
+                segmentation=_data_url(overlay_png(query.image, drawn.labels)),
+                neighbors=_neighbors(hits))
+
+    return await run_in_threadpool(work)
+
+
+@router.post("/compose", response_model=ComposeResponse,
+             summary="Search by one slice's anatomy joined with another's lesion",
+             responses={400: {"description": "Empty file"},
+                        401: {"description": "Missing or wrong API key"},
+                        413: {"description": "Body, pixels or voxels over the limits"},
+                        415: {"description": "Not a PNG, JPEG, NIfTI or DICOM file"},
+                        422: {"description": "Unreadable file, slice out of range, bad query"}})
+async def compose(
+    request: Request, retrieval: RetrievalDep, settings: SettingsDep,
+    normal: Annotated[UploadFile, File(description="Gives the normal (anatomy) code. "
+                                                   + UPLOAD_HELP)],
+    abnormal: Annotated[UploadFile, File(description="Gives the abnormal (lesion) code. "
+                                                     + UPLOAD_HELP)],
+    k: KQ = 10, normal_slice: SliceQ = None, abnormal_slice: SliceQ = None,
+    exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None,
+) -> ComposeResponse:
+    """The normal code of `normal` joined with the abnormal code of `abnormal`, searched in the
+    concat space, and the image the decoder draws from that pair."""
+    _check_k(k, settings)
+    normal_data, abnormal_data = await _read(normal), await _read(abnormal)
+    timings = Timings()
+    request.state.timings = timings.seconds
+
+    def work() -> ComposeResponse:
+        nq = _decode(normal_data, normal_slice, settings, timings, "normal")
+        aq = _decode(abnormal_data, abnormal_slice, settings, timings, "abnormal")
+        nd = retrieval.draw(nq.image, timings)
+        ad = retrieval.draw(aq.image, timings)
+        pair = Codes(normal=nd.codes.normal, abnormal=ad.codes.abnormal)
+        image, labels = retrieval.draw_pair(pair.normal, pair.abnormal, timings)
+        hits = _search(retrieval, "concat", pair, k, timings, exclude_patient=exclude_patient,
+                       has_abnormality=has_abnormality)
+        with timings.stage("render"):
+            return ComposeResponse(
+                k=k, normal_query=_info(nq, nd.labels), abnormal_query=_info(aq, ad.labels),
+                normal_image=_data_url(grey_png(nq.image)),
+                abnormal_image=_data_url(grey_png(aq.image)),
+                composite=_data_url(grey_png(image)),
+                segmentation=_data_url(overlay_png(image, labels)),
+                neighbors=_neighbors(hits))
+
+    return await run_in_threadpool(work)
+
+
+@router.post("/slices/{slice_id}/similar", response_model=SimilarResponse,
+             summary="Search by an indexed slice",
+             responses={401: {"description": "Missing or wrong API key"},
+                        404: {"description": "No such slice or patient"}})
+async def similar(
+    request: Request, retrieval: RetrievalDep, settings: SettingsDep, slice_id: SliceId,
+    space: SpaceQ = "normal", k: KQ = 10,
+    exclude_own_patient: Annotated[bool, Query(description="Leave out the slice's own patient "
+                                                           "(default true).")] = True,
+    has_abnormality: AbnormalQ = None,
+) -> SimilarResponse:
+    """The k nearest slices to an indexed slice's stored codes (no re-encoding)."""
+    _check_k(k, settings)
+    timings = Timings()
+    request.state.timings = timings.seconds
+
+    def work() -> SimilarResponse:
+        try:
+            codes, patient = retrieval.slice_codes(slice_id)
+        except NotFound as exc:
+            raise HTTPException(404, detail=str(exc)) from None
+        hits = _search(retrieval, space, codes, k, timings, has_abnormality=has_abnormality,
+                       exclude_patient_ids=(patient,) if exclude_own_patient else ())
+        return SimilarResponse(space=space, k=k, slice_id=slice_id, neighbors=_neighbors(hits))
+
+    return await run_in_threadpool(work)

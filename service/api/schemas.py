@@ -1,0 +1,121 @@
+"""Response bodies of the API (pydantic models; they are the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Space = Literal["normal", "abnormal", "concat"]
+
+_DATA_URL = "a PNG as a data: URL (data:image/png;base64,...)"
+
+
+class Neighbor(BaseModel):
+    rank: int = Field(description="1 for the nearest.")
+    slice_id: int = Field(description="The slice's id (its FAISS id).")
+    patient_id: str = Field(description="The patient's external id, e.g. BraTS20_Training_001.")
+    slice_index: int = Field(description="Axial index in the patient's RAS+ volume.")
+    distance: float = Field(description="Squared L2 distance in the searched space.")
+    has_abnormality: bool | None = Field(
+        description="Whether the slice's ground-truth labels hold a lesion; null without labels.")
+    image_url: str
+    overlay_url: str | None = Field(description="Label overlay; null when the patient has none.")
+    position_distances: list[list[float]] = Field(
+        description="8 x 8: each code position's share of `distance` (they sum to it); row 0 is "
+                    "the top of the image.")
+
+
+class QueryInfo(BaseModel):
+    kind: Literal["png", "jpeg", "nifti", "dicom", "indexed"]
+    slice: int | None = Field(None, description="Axial slice read (NIfTI, multi-frame DICOM).")
+    slice_count: int | None = Field(None, description="Axial slices in the uploaded volume.")
+    predicted_abnormal_pixels: int = Field(
+        description="Pixels the segmentation decoder assigns to TC, ED or ET.")
+
+
+class SearchResponse(BaseModel):
+    space: Space
+    k: int
+    query: QueryInfo
+    image: str = Field(description=f"The query slice as the model sees it, {_DATA_URL}.")
+    reconstruction: str = Field(description=f"x_hat+ (both codes), {_DATA_URL}.")
+    pseudo_normal: str = Field(description=f"x_hat- (normal code alone), {_DATA_URL}.")
+    segmentation: str = Field(description=f"Predicted lesion over the query, {_DATA_URL}.")
+    neighbors: list[Neighbor]
+
+
+class ComposeResponse(BaseModel):
+    space: Literal["concat"] = "concat"
+    k: int
+    normal_query: QueryInfo
+    abnormal_query: QueryInfo
+    normal_image: str = Field(description=f"The query giving the normal code, {_DATA_URL}.")
+    abnormal_image: str = Field(description=f"The query giving the abnormal code, {_DATA_URL}.")
+    composite: str = Field(description=f"The image drawn from the pair, {_DATA_URL}.")
+    segmentation: str = Field(description=f"The abnormal code's lesion over the composite, "
+                                          f"{_DATA_URL}.")
+    neighbors: list[Neighbor]
+
+
+class SimilarResponse(BaseModel):
+    space: Space
+    k: int
+    slice_id: int
+    neighbors: list[Neighbor]
+
+
+class SliceInfo(BaseModel):
+    slice_id: int
+    patient_id: str
+    slice_index: int
+    has_abnormality: bool | None
+    area_tc: int | None = Field(description="Pixels of BraTS label 1 (necrotic tumour core).")
+    area_ed: int | None = Field(description="Pixels of BraTS label 2 (edema).")
+    area_et: int | None = Field(description="Pixels of BraTS label 4 (enhancing tumour).")
+    brain_area: int = Field(description="Pixels > 0 in the 256 x 256 slice.")
+    image_url: str
+    overlay_url: str | None
+    normal_codes: list[list[int]] = Field(description="8 x 8 rows of the normal codebook.")
+    abnormal_codes: list[list[int]] = Field(description="8 x 8 rows of the abnormal codebook.")
+
+
+class PatientSlice(BaseModel):
+    slice_id: int
+    slice_index: int
+    has_abnormality: bool | None
+
+
+class PatientInfo(BaseModel):
+    patient_id: str
+    cohort: str
+    slice_count: int
+    added_at: datetime
+    has_labels: bool
+    slices: list[PatientSlice]
+
+
+class IndexInfo(BaseModel):
+    patients: int
+    slices: int
+    abnormal_slices: int
+    generation: int
+    preset: str
+    checkpoint_sha256: str
+    spaces: list[Space]
+    default_k: int
+    max_k: int
+    max_upload_mb: float
+    auth_required: bool
+    faiss_gpu: bool
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    generation: int
+    slices: int
