@@ -104,6 +104,11 @@ def decode_query(data: bytes, slice_index: int | None = None,
         if slice_index not in (None, 0):
             raise UploadError(f"slice {slice_index} asked of a 2-D {kind.upper()} image, which "
                               f"has one slice (0)")
+        if kind == "png" and len(data) >= 24 and data[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", data[16:24])  # before any decoding
+            if width * height > limits.max_image_pixels:
+                raise UploadTooLarge(f"the PNG header claims {width}x{height} pixels, more than "
+                                     f"the limit of {limits.max_image_pixels} pixels")
         try:
             image = preprocess.image_to_slice(data, max_pixels=limits.max_image_pixels)
         except ValueError as exc:

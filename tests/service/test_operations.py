@@ -1,0 +1,73 @@
+"""/healthz, /readyz, /metrics, /info; the event loop keeps answering while the model works."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+
+from service.retrieval import Retrieval
+
+
+def test_health_and_readiness(client, retrieval):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready == {"status": "ready", "generation": retrieval.build.generation,
+                     "slices": len(retrieval.slice_ids)}
+
+
+def test_readiness_fails_when_index_and_catalogue_disagree(service_index):
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.config import Settings
+
+    broken = Retrieval.open(service_index)
+    try:
+        broken.indices["abnormal"].remove_ids(broken.slice_ids[:1].copy())  # a vector lost
+        with TestClient(create_app(Settings(index_dir=service_index), broken)) as c:
+            r = c.get("/readyz")
+            assert r.status_code == 503
+            assert "abnormal index holds" in r.json()["detail"]
+    finally:
+        broken.close()
+
+
+def test_info_describes_the_index(client, retrieval):
+    info = client.get("/info").json()
+    assert info["slices"] == len(retrieval.slice_ids) and info["preset"] == "tiny"
+    assert info["spaces"] == ["normal", "abnormal", "concat"] and info["max_k"] == 100
+
+
+def test_metrics_count_requests_and_stages(client, indexed_png):
+    client.post("/search?k=1", files={"file": ("q.png", indexed_png.read_bytes())})
+    text = client.get("/metrics").text
+    for stage in ("decode", "encode", "search", "catalogue", "render"):
+        line = next(x for x in text.splitlines()
+                    if x.startswith(f'cbir_stage_seconds_count{{stage="{stage}"}}'))
+        assert float(line.split()[-1]) >= 1, stage
+    assert 'cbir_requests_total{method="POST",route="/search",status="200"}' in text
+    assert 'cbir_request_seconds_bucket{le="0.001",route="/search"}' in text
+
+
+def test_healthz_answers_while_searches_run(live_server, indexed_png):
+    data = indexed_png.read_bytes()
+    done = []
+
+    def search():
+        with httpx.Client(base_url=live_server, timeout=120) as c:
+            r = c.post("/search?space=concat&k=5", files={"file": ("q.png", data)})
+            done.append(r.status_code)
+
+    threads = [threading.Thread(target=search) for _ in range(6)]
+    for t in threads:
+        t.start()
+    with httpx.Client(base_url=live_server, timeout=30) as c:
+        answered_while_busy = 0
+        while any(t.is_alive() for t in threads):
+            if c.get("/healthz").status_code == 200 and len(done) < len(threads):
+                answered_while_busy += 1
+    for t in threads:
+        t.join()
+    assert done == [200] * 6
+    assert answered_while_busy >= 1

@@ -1,0 +1,187 @@
+"""POST /search, /compose and /slices/{id}/similar on a real tiny index."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.layout import SPACES, space_vectors
+from model.data.preprocess import slice_to_png
+
+PNG_PREFIX = "data:image/png;base64,"
+
+
+def _post_search(client, data: bytes, name: str = "q.png", **params):
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return client.post(f"/search?{query}", files={"file": (name, data, "application/octet-stream")})
+
+
+def _png_of(data_url: str) -> np.ndarray:
+    assert data_url.startswith(PNG_PREFIX)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url[len(PNG_PREFIX):]))))
+
+
+def _brute_force(retrieval, space: str, query: np.ndarray, keep=None) -> tuple[np.ndarray, ...]:
+    """Squared L2 from ``query`` to every stored slice, computed from the catalogue's codes."""
+    codes = retrieval.codes.astype(np.int64)
+    vectors = space_vectors(retrieval.codebooks, codes[:, 0], codes[:, 1], spaces=(space,))[space]
+    d = ((vectors.astype(np.float64) - query.astype(np.float64)) ** 2).sum(1)
+    ids = retrieval.slice_ids
+    if keep is not None:
+        d, ids = d[keep], ids[keep]
+    order = np.argsort(d, kind="stable")
+    return ids[order], d[order]
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_exported_png_comes_back_first_in_every_space(client, indexed_slices, space):
+    for s in indexed_slices:
+        r = _post_search(client, slice_to_png(s.image, bits=16), space=space, k=3)
+        assert r.status_code == 200, r.text
+        first = r.json()["neighbors"][0]
+        assert (first["slice_id"], first["distance"]) == (s.slice_id, 0.0), space
+        assert first["patient_id"] == s.patient_id and first["slice_index"] == s.slice_index
+        assert first["has_abnormality"] is s.has_abnormality
+
+
+def test_search_response_is_complete_and_consistent(client, retrieval, indexed_png):
+    r = _post_search(client, indexed_png.read_bytes(), space="concat", k=7)
+    assert r.status_code == 200
+    body = r.json()
+    assert (body["space"], body["k"], body["query"]["kind"]) == ("concat", 7, "png")
+    for key in ("image", "reconstruction", "pseudo_normal", "segmentation"):
+        assert _png_of(body[key]).shape[:2] == (256, 256), key
+    hits = body["neighbors"]
+    assert [h["rank"] for h in hits] == list(range(1, 8))
+    distances = [h["distance"] for h in hits]
+    assert distances == sorted(distances)
+    for h in hits:
+        grid = np.array(h["position_distances"])
+        assert grid.shape == (8, 8)
+        assert grid.sum() == pytest.approx(h["distance"], rel=1e-4, abs=1e-4)
+        assert h["image_url"] == f"/slices/{h['slice_id']}/image.png"
+        assert h["overlay_url"] == f"/slices/{h['slice_id']}/overlay.png"  # synth has labels
+    assert "encode;dur=" in r.headers["server-timing"]
+
+
+def test_neighbours_equal_a_brute_force_search(client, retrieval, indexed_slices):
+    s = indexed_slices[2]
+    codes, _ = retrieval.slice_codes(s.slice_id)
+    for space in SPACES:
+        r = client.post(f"/slices/{s.slice_id}/similar?space={space}&k=10"
+                        f"&exclude_own_patient=false")
+        assert r.status_code == 200
+        query = space_vectors(retrieval.codebooks, codes.normal[None], codes.abnormal[None],
+                              spaces=(space,))[space][0]
+        ids, d = _brute_force(retrieval, space, query)
+        got = r.json()["neighbors"]
+        np.testing.assert_allclose([h["distance"] for h in got], d[:10], rtol=1e-4, atol=1e-3)
+        # Ties may come back in any order: compare the sets below the 10th distance.
+        strict = d[:10] < d[9] - 1e-3
+        assert set(ids[:10][strict]) <= {h["slice_id"] for h in got}
+
+
+def test_filters_apply_inside_the_search_and_give_k_results(client, retrieval, indexed_slices):
+    s = indexed_slices[0]
+    png = slice_to_png(s.image, bits=16)
+    r = _post_search(client, png, space="normal", k=20, exclude_patient=s.patient_id)
+    hits = r.json()["neighbors"]
+    assert len(hits) == 20 and all(h["patient_id"] != s.patient_id for h in hits)
+    for flag in (True, False):
+        r = _post_search(client, png, space="abnormal", k=15,
+                         has_abnormality=str(flag).lower())
+        hits = r.json()["neighbors"]
+        assert len(hits) == 15 and all(h["has_abnormality"] is flag for h in hits)
+    # Both filters: the nearest of what is left, as a brute-force search over it finds.
+    pid = retrieval.patient_by_external[s.patient_id]
+    keep = (retrieval.slice_patient != pid) & (retrieval.slice_abnormal == 1)
+    r = _post_search(client, png, space="concat", k=5, exclude_patient=s.patient_id,
+                     has_abnormality="true")
+    codes, _ = retrieval.slice_codes(s.slice_id)
+    query = space_vectors(retrieval.codebooks, codes.normal[None], codes.abnormal[None],
+                          spaces=("concat",))["concat"][0]
+    _, d = _brute_force(retrieval, "concat", query, keep)
+    np.testing.assert_allclose([h["distance"] for h in r.json()["neighbors"]], d[:5], rtol=1e-4)
+
+
+def test_k_above_what_the_filter_leaves_returns_all_that_is_left(client, retrieval,
+                                                                 indexed_slices):
+    from service.retrieval import Timings
+
+    s = indexed_slices[0]
+    codes, pid = retrieval.slice_codes(s.slice_id)
+    left = int(((retrieval.slice_patient != pid) & (retrieval.slice_abnormal == 1)).sum())
+    hits = retrieval.search("abnormal", codes, 10_000, Timings(), exclude_patient=s.patient_id,
+                            has_abnormality=True)
+    assert len(hits) == left and len({h.slice_id for h in hits}) == left
+    r = client.post(f"/slices/{s.slice_id}/similar?space=abnormal&k=100&has_abnormality=true")
+    assert len(r.json()["neighbors"]) == min(100, left)
+
+
+def test_compose_with_the_same_image_twice_equals_concat_search(client, indexed_png):
+    data = indexed_png.read_bytes()
+    composed = client.post("/compose?k=8", files={"normal": ("a.png", data),
+                                                  "abnormal": ("b.png", data)})
+    searched = _post_search(client, data, space="concat", k=8)
+    assert composed.status_code == 200, composed.text
+    c, s = composed.json(), searched.json()
+    assert [(h["slice_id"], h["distance"]) for h in c["neighbors"]] == \
+        [(h["slice_id"], h["distance"]) for h in s["neighbors"]]
+    assert c["space"] == "concat"
+    # The composite of a slice with itself is its own reconstruction x_hat+.
+    assert np.array_equal(_png_of(c["composite"]), _png_of(s["reconstruction"]))
+
+
+def test_compose_joins_one_anatomy_with_another_lesion(client, retrieval, indexed_slices):
+    a, b = indexed_slices[1], indexed_slices[0]  # anatomy of a lesion-free slice, b's lesion
+    r = client.post("/compose?k=5", files={"normal": ("a.png", slice_to_png(a.image, bits=16)),
+                                           "abnormal": ("b.png", slice_to_png(b.image, bits=16))})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ca, _ = retrieval.slice_codes(a.slice_id)
+    cb, _ = retrieval.slice_codes(b.slice_id)
+    query = space_vectors(retrieval.codebooks, ca.normal[None], cb.abnormal[None],
+                          spaces=("concat",))["concat"][0]
+    _, d = _brute_force(retrieval, "concat", query)
+    np.testing.assert_allclose([h["distance"] for h in body["neighbors"]], d[:5], rtol=1e-4)
+    for key in ("normal_image", "abnormal_image", "composite", "segmentation"):
+        assert _png_of(body[key]).shape[:2] == (256, 256)
+
+
+def test_similar_excludes_the_own_patient_by_default(client, indexed_slices):
+    s = indexed_slices[3]
+    hits = client.post(f"/slices/{s.slice_id}/similar?space=normal&k=10").json()["neighbors"]
+    assert len(hits) == 10 and all(h["patient_id"] != s.patient_id for h in hits)
+    own = client.post(f"/slices/{s.slice_id}/similar?space=normal&k=1"
+                      f"&exclude_own_patient=false").json()["neighbors"]
+    assert (own[0]["slice_id"], own[0]["distance"]) == (s.slice_id, 0.0)
+
+
+def test_nifti_upload_reads_the_asked_slice_through_the_indexing_path(client, indexed_slices,
+                                                                      indexed_nifti):
+    s = indexed_slices[0]
+    data = indexed_nifti.read_bytes()
+    r = _post_search(client, data, name="anything.bin", space="concat", k=1,
+                     slice=s.slice_index)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["query"]["kind"] == "nifti" and body["query"]["slice"] == s.slice_index
+    assert (body["neighbors"][0]["slice_id"], body["neighbors"][0]["distance"]) == \
+        (s.slice_id, 0.0)
+    middle = _post_search(client, data, space="normal", k=1).json()["query"]
+    assert middle["slice"] == middle["slice_count"] // 2
+
+
+def test_dicom_upload_is_read_from_pixel_data(client, indexed_slices):
+    from tests.service.test_uploads import dicom_bytes
+
+    s = indexed_slices[0]
+    r = _post_search(client, dicom_bytes(np.rint(s.image * 4000).astype(np.uint16)),
+                     space="normal", k=3)
+    assert r.status_code == 200, r.text
+    assert r.json()["query"]["kind"] == "dicom"
+    assert len(r.json()["neighbors"]) == 3
