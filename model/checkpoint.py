@@ -91,3 +91,15 @@ def load_model(path: Path | str, device: str | torch.device = "cpu"):
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(path, f"weights do not fit the recorded config ({exc})") from exc
     return model.to(device).eval(), payload
+
+
+def export_checkpoint(src: Path | str, dst: Path | str) -> dict[str, Any]:
+    """Copy a training checkpoint without its optimizer state: what is shipped and served.
+
+    The weights, and so ``weights_sha256``, are unchanged; ``--resume`` needs the original.
+    """
+    payload = read_checkpoint(src)
+    payload.pop("optimizer", None)
+    payload["exported_from"] = Path(src).name
+    atomic_write(dst, lambda fh: torch.save(payload, fh))
+    return payload

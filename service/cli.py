@@ -169,6 +169,24 @@ def bench_index(
     typer.echo(f"ratio {r['ratio']:.3f} (goal >= {r['goal']:.2f})")
 
 
+@bench_app.command("service")
+def bench_service_cmd(
+    index: IndexOpt,
+    queries: Annotated[int, typer.Option(help="Queries per space (PNGs of indexed slices).")]
+    = 100,
+    concurrency: Annotated[int, typer.Option(help="Concurrent clients for throughput.")] = 8,
+    k: Annotated[int, typer.Option(help="Neighbours per query.")] = 10,
+) -> None:
+    """/search latency per stage (p50/p95) in each space, and throughput under concurrency."""
+    from service.bench import bench_service
+    from service.retrieval import RetrievalError
+
+    try:
+        bench_service(index, queries=queries, concurrency=concurrency, k=k, log=typer.echo)
+    except RetrievalError as exc:
+        _fail(str(exc))
+
+
 def _print_report(report) -> None:
     typer.echo(f"{report.operation}: generation {report.generation}; "
                f"{len(report.patients_added)} patients / {report.slices_added} slices added, "
@@ -308,6 +326,40 @@ def data_check(
         typer.secho(f"skipped {path}: {problem}", fg=typer.colors.YELLOW)
     if problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def gallery(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Model checkpoint.")],
+    data: Annotated[Path, typer.Option("--data", help="Cohort folder.")],
+    out: Annotated[Path, typer.Option(help="PNG to write.")],
+    rows: Annotated[int, typer.Option(help="Slices (rows) to show.")] = 6,
+) -> None:
+    """A PNG grid of what a checkpoint draws: input, x_hat+, x_hat-, healthy truth, lesions."""
+    from model.checkpoint import CheckpointError
+    from model.gallery import write_gallery
+
+    try:
+        labels = write_gallery(checkpoint, data, out, max_rows=rows)
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}: {', '.join(labels)}")
+
+
+@app.command("export-checkpoint")
+def export_checkpoint_cmd(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Training checkpoint.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint to write, without optimizer state.")],
+) -> None:
+    """Write a checkpoint for shipping: same weights (and sha256), no optimizer state."""
+    from model.checkpoint import CheckpointError, export_checkpoint
+
+    try:
+        payload = export_checkpoint(checkpoint, out)
+    except CheckpointError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, preset {payload['preset']}, "
+               f"weights {payload['weights_sha256'][:12]})")
 
 
 @app.command()

@@ -86,3 +86,24 @@ def test_other_preprocessing_version_is_refused(model, tmp_path):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="preprocessing version 999"):
         read_checkpoint(path)
+
+
+def test_export_drops_the_optimizer_and_keeps_the_weights(model, tmp_path):
+    from model.checkpoint import export_checkpoint
+
+    src, dst = tmp_path / "train.pt", tmp_path / "ship.pt"
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.rand(2, 1, 256, 256)).reconstruction.mean().backward()
+    optimizer.step()
+    model.eval()
+    sha = save_checkpoint(src, model, "tiny", extra={"optimizer": optimizer.state_dict(),
+                                                     "epoch": 3})
+    export_checkpoint(src, dst)
+    shipped = read_checkpoint(dst)
+    assert "optimizer" not in shipped and shipped["epoch"] == 3
+    assert shipped["weights_sha256"] == sha
+    assert dst.stat().st_size < src.stat().st_size
+    loaded, _ = load_model(dst)
+    x = torch.rand(1, 1, 256, 256)
+    with torch.no_grad():
+        assert torch.equal(loaded.pseudo_normal(x), model.pseudo_normal(x))
