@@ -108,8 +108,9 @@ const inflight = { search: null, compose: null };
 
 function refreshBusy() {
   const running = Object.values(inflight).filter(Boolean);
-  $('#busy').hidden = running.length === 0;
-  if (running.length) $('#busy-text').textContent = `${running[running.length - 1].label}…`;
+  // Visibility, not display: the header must not shift when a request starts.
+  $('#busy').classList.toggle('active', running.length > 0);
+  $('#busy-text').textContent = running.length ? `${running[running.length - 1].label}…` : '';
   $('#search-button').disabled = inflight.search !== null;
   $('#compose-button').disabled = inflight.compose !== null;
   $('#search-results').setAttribute('aria-busy', String(inflight.search !== null));
@@ -247,7 +248,8 @@ async function loadInfo() {
 
 function figure(src, role, caption, alt, { id, title } = {}) {
   const img = el('img', { src, alt, id, dataset: { role }, decoding: 'async' });
-  return el('figure', { className: 'panel-figure', title }, [img, el('figcaption', { text: caption })]);
+  const figcaption = el('figcaption', { text: caption });
+  return el('figure', { className: 'panel-figure', title }, [img, figcaption]);
 }
 
 const queryObjectURLs = [];
@@ -507,7 +509,7 @@ async function runSearch() {
 function renderSimilar(data, of) {
   revokeQueryURLs();
   const where = `patient ${of.patient_id}, slice ${of.slice_index}`;
-  $('#search-title').textContent = `More like this: ${where}`;
+  $('#search-title').textContent = `More like ${where} (other patients)`;
   $('#query-info').replaceChildren(
     el('span', { text: `indexed slice ${data.slice_id}` }), ' · ',
     el('span', { text: `space ${data.space}, k ${data.k}` }),
@@ -537,8 +539,10 @@ async function runSimilar(neighbor) {
   setMode('search');
   const k = readK('#k');
   if (k === null) return;
-  const space = $('#space').value;
-  const params = new URLSearchParams({ space, k: String(k) });
+  // The slice's own patient is left out (the server's default); the lesion filter applies.
+  const params = new URLSearchParams({ space: $('#space').value, k: String(k) });
+  const hasAbnormality = $('#has-abnormality').value;
+  if (hasAbnormality) params.set('has_abnormality', hasAbnormality);
   await run('search', 'More like this', async (signal) => {
     const data = await requestJSON('POST', `/slices/${neighbor.slice_id}/similar?${params}`,
       { signal });
@@ -584,7 +588,8 @@ function renderCompose(data) {
   const describe = (label, q, id) => {
     const parts = [el('span', { text: `${label}: ${KIND_LABEL[q.kind] ?? q.kind}` })];
     if (q.slice !== null && q.slice !== undefined) {
-      parts.push(' ', el('span', { id, dataset: { slice: String(q.slice) }, text: `slice ${q.slice}` }));
+      const slice = String(q.slice);
+      parts.push(' ', el('span', { id, dataset: { slice }, text: `slice ${slice}` }));
     }
     return parts;
   };
@@ -595,8 +600,10 @@ function renderCompose(data) {
   );
 
   $('#compose-panel').replaceChildren(
-    figure(data.normal_image, 'normal_image', 'Anatomy from', `Anatomy source: ${normal.file.name}`),
-    figure(data.abnormal_image, 'abnormal_image', 'Lesion from', `Lesion source: ${abnormal.file.name}`),
+    figure(data.normal_image, 'normal_image', `Anatomy from ${normal.file.name}`,
+      `Anatomy source: ${normal.file.name}`),
+    figure(data.abnormal_image, 'abnormal_image', `Lesion from ${abnormal.file.name}`,
+      `Lesion source: ${abnormal.file.name}`),
     figure(data.composite, 'composite', 'Composite',
       'Composite: the first slice\'s anatomy with the second slice\'s lesion', { id: 'composite' }),
     figure(data.segmentation, 'segmentation', 'Lesion over composite',
@@ -757,9 +764,7 @@ function init() {
     updateSpaceHelp();
     rerunSearchView();
   });
-  $('#has-abnormality').addEventListener('change', () => {
-    if (state.search.source === 'upload' && state.search.file) runSearch();
-  });
+  $('#has-abnormality').addEventListener('change', rerunSearchView);
   $('#search-form').addEventListener('submit', (event) => {
     event.preventDefault();
     state.search.source = 'upload';
@@ -772,14 +777,15 @@ function init() {
   $('#compose-swap').addEventListener('click', swapCompose);
 
   wireSlider($('#slice-slider'), $('#slice-value'), (slice) => {
-    if (slice === state.search.slice || !state.search.file) return;
+    // A pending move of a volume since replaced by another file is dropped.
+    if ($('#slice-control').hidden || slice === state.search.slice || !state.search.file) return;
     state.search.slice = slice;
     runSearch();
   });
   for (const which of ['normal', 'abnormal']) {
     wireSlider($(`#compose-${which}-slider`), $(`#compose-${which}-slice-value`), (slice) => {
       const side = state.compose[which];
-      if (slice === side.slice || !side.file) return;
+      if ($(`#compose-${which}-slice-control`).hidden || slice === side.slice || !side.file) return;
       side.slice = slice;
       runCompose();
     });

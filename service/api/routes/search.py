@@ -46,7 +46,8 @@ UPLOAD_HELP = ("PNG or JPEG slice (8/16-bit, grey or RGB), NIfTI volume (.nii, .
 
 SpaceQ = Annotated[Space, Query(description=SPACE_HELP)]
 KQ = Annotated[int, Query(ge=1, le=MAX_K_LIMIT,
-                          description="Neighbours to return, 1..CBIR_MAX_K (default 100).")]
+                          description="Neighbours to return, 1..CBIR_MAX_K (a setting, 100 unless "
+                                      "changed).")]
 SliceQ = Annotated[int | None, Query(ge=0, description="Axial slice of a NIfTI volume (or frame "
                                                        "of a multi-frame DICOM); default: the "
                                                        "middle one.")]

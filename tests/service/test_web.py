@@ -1,0 +1,321 @@
+"""The web page in a real browser (Debian's headless Chromium driven by Playwright) against the
+real app served by uvicorn: search, NIfTI slice slider, compose, errors, API key, position maps.
+Any uncaught JS error or unexpected console error fails the test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; no `playwright install`
+TIMEOUT_MS = 30_000  # searches run the model on a shared 2-core CPU
+
+if not Path(CHROMIUM).exists():
+    # CI (.ci/run) installs Chromium and sets CBIR_REQUIRE_BROWSER=1: there, absence fails.
+    if os.environ.get("CBIR_REQUIRE_BROWSER") == "1":
+        raise RuntimeError(f"CBIR_REQUIRE_BROWSER=1 but {CHROMIUM} is missing")
+    pytestmark = pytest.mark.skip(reason=f"needs {CHROMIUM} (Debian package chromium)")
+expect.set_options(timeout=TIMEOUT_MS)
+
+QUERY_ROLES = ("image", "reconstruction", "pseudo_normal", "segmentation")
+
+
+class PageErrors:
+    """Uncaught exceptions and console errors of one page. Chromium logs every failed fetch as
+    'Failed to load resource: ...'; a test that provokes one allows its text ("status of 415")."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.allowed: list[str] = []
+
+    def on_console(self, msg) -> None:
+        if msg.type == "error" and not any(text in msg.text for text in self.allowed):
+            self.messages.append(f"console.error: {msg.text}")
+
+    def on_page_error(self, exc) -> None:
+        self.messages.append(f"uncaught: {exc}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def errors() -> PageErrors:
+    return PageErrors()
+
+
+@pytest.fixture
+def page(browser, errors):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.on("console", errors.on_console)
+    page.on("pageerror", errors.on_page_error)
+    yield page
+    context.close()
+    assert not errors.messages, errors.messages
+
+
+def open_app(page, base_url: str) -> None:
+    page.goto(base_url + "/")
+    expect(page.locator("body")).to_have_attribute("data-state", "ready")
+
+
+def search_response(page, **params):
+    """Context manager waiting for the POST /search whose query holds ``params``."""
+    def match(response) -> bool:
+        if "/search?" not in response.url or response.request.method != "POST":
+            return False
+        return all(f"{k}={v}" in response.url for k, v in params.items())
+    return page.expect_response(match)
+
+
+def cards(page, grid: str = "#neighbors"):
+    return page.locator(f"{grid} .neighbor-card")
+
+
+def distances(page, grid: str = "#neighbors") -> list[float]:
+    return [float(t) for t in page.locator(f"{grid} .neighbor-card .distance").all_inner_texts()]
+
+
+def wait_first_image(page, grid: str = "#neighbors") -> None:
+    page.wait_for_function(
+        """grid => { const img = document.querySelector(grid + ' .neighbor-card .neighbor-image');
+                     return img && img.complete && img.naturalWidth > 0; }""", arg=grid)
+
+
+def upload_and_wait(page, path: Path, k: int, space: str = "normal"):
+    page.select_option("#space", space)
+    page.fill("#k", str(k))
+    with search_response(page, space=space, k=k) as response:
+        page.set_input_files("#file-input", str(path))
+    assert response.value.ok, response.value.text()
+    expect(cards(page)).to_have_count(k)
+    return response.value.json()
+
+
+def test_search_shows_query_images_and_neighbours(page, live_server, indexed_png,
+                                                  indexed_slices):
+    open_app(page, live_server)
+    assert "patients" in page.inner_text("#index-stats")
+    upload_and_wait(page, indexed_png, k=5)
+
+    for role in QUERY_ROLES:
+        img = page.locator(f"#query-panel img[data-role={role}]")
+        assert img.get_attribute("src").startswith("data:image/png;base64,")
+        assert img.get_attribute("alt")
+    expect(page.locator("#query-info")).to_contain_text("space normal, k 5")
+
+    # The slice the PNG was exported from comes back first, at distance ~0.
+    first = cards(page).first
+    indexed = indexed_slices[0]
+    assert first.get_attribute("data-slice-id") == str(indexed.slice_id)
+    assert first.locator(".patient").inner_text() == indexed.patient_id
+    assert first.locator(".slice").inner_text() == str(indexed.slice_index)
+    found = distances(page)
+    assert found[0] < 1e-3 and found == sorted(found)
+    expect(first.locator(".badge")).to_have_text("lesion")
+
+    wait_first_image(page)
+    image = first.locator(".neighbor-image")
+    assert image.get_attribute("src").startswith("blob:")
+    assert image.evaluate("img => img.naturalWidth") == 256
+    expect(page.locator("#search-button")).to_be_enabled()
+
+
+def test_changing_the_space_resends_and_replaces_results(page, live_server, indexed_png,
+                                                         indexed_slices, errors):
+    errors.allowed.append("ERR_FILE_NOT_FOUND")  # the probe of a revoked object URL, below
+    open_app(page, live_server)
+    upload_and_wait(page, indexed_png, k=4)
+    wait_first_image(page)
+    old_blob = cards(page).first.locator(".neighbor-image").get_attribute("src")
+    seen = {"normal": distances(page)}
+
+    for space in ("abnormal", "concat"):
+        with search_response(page, space=space, k=4) as response:
+            page.select_option("#space", space)
+        body = response.value.json()
+        expect(page.locator("#query-info")).to_contain_text(f"space {space}, k 4")
+        expect(cards(page)).to_have_count(4)
+        shown = distances(page)
+        assert shown == [float(f"{n['distance']:.3g}") for n in body["neighbors"]]
+        assert shown[0] < 1e-3
+        assert cards(page).first.get_attribute("data-slice-id") == str(indexed_slices[0].slice_id)
+        seen[space] = shown
+    assert seen["normal"] != seen["abnormal"] != seen["concat"]
+    expect(page.locator("#space-help")).to_contain_text("Both")
+
+    # The replaced grid's object URLs are revoked.
+    assert page.evaluate("url => fetch(url).then(() => true, () => false)", old_blob) is False
+
+
+def test_nifti_upload_shows_a_slice_slider_that_resends(page, live_server, indexed_nifti,
+                                                        indexed_slices):
+    open_app(page, live_server)
+    body = upload_and_wait(page, indexed_nifti, k=3)
+    query = body["query"]
+    assert query["kind"] == "nifti" and query["slice_count"] > 1
+    slider = page.locator("#slice-slider")
+    expect(page.locator("#slice-control")).to_be_visible()
+    assert slider.get_attribute("max") == str(query["slice_count"] - 1)
+    assert slider.input_value() == str(query["slice"])
+    expect(page.locator("#query-slice")).to_have_attribute("data-slice", str(query["slice"]))
+
+    # The indexed slice of this patient, chosen on the slider, finds itself.
+    target = indexed_slices[0].slice_index
+    assert target != query["slice"], "pick a slice other than the middle one"
+    with search_response(page, slice=target) as response:
+        slider.fill(str(target))
+    assert response.value.json()["query"]["slice"] == target
+    expect(page.locator("#query-slice")).to_have_attribute("data-slice", str(target))
+    expect(cards(page).first).to_have_attribute("data-slice-id",
+                                                str(indexed_slices[0].slice_id))
+    assert distances(page)[0] < 1e-3
+
+
+def test_compose_two_images(page, live_server, indexed_png, other_png):
+    open_app(page, live_server)
+    page.click("#mode-compose")
+    expect(page.locator("#compose-view")).to_be_visible()
+    expect(page.locator("#search-view")).to_be_hidden()
+    page.fill("#compose-k", "4")
+    page.set_input_files("#compose-normal-input", str(indexed_png))
+    with page.expect_response(lambda r: "/compose?" in r.url) as response:
+        page.set_input_files("#compose-abnormal-input", str(other_png))
+    assert response.value.ok, response.value.text()
+    assert "k=4" in response.value.url
+
+    composite = page.locator("#composite")
+    expect(composite).to_be_visible()
+    assert composite.get_attribute("src").startswith("data:image/png;base64,")
+    sources = {role: page.locator(f"#compose-panel img[data-role={role}]").get_attribute("src")
+               for role in ("normal_image", "abnormal_image", "composite", "segmentation")}
+    assert all(s.startswith("data:image/png") for s in sources.values())
+    assert sources["normal_image"] != sources["abnormal_image"]
+    expect(cards(page, "#compose-neighbors")).to_have_count(4)
+    found = distances(page, "#compose-neighbors")
+    assert found == sorted(found)
+    wait_first_image(page, "#compose-neighbors")
+
+
+def test_unsupported_upload_shows_the_servers_detail(page, live_server, errors, tmp_path):
+    errors.allowed.append("status of 415")
+    note = tmp_path / "note.txt"
+    note.write_bytes(b"hello")
+    open_app(page, live_server)
+    url = page.url
+    with search_response(page) as response:
+        page.set_input_files("#file-input", str(note))
+    assert response.value.status == 415
+    detail = response.value.json()["detail"]
+    assert isinstance(detail, str) and detail
+
+    banner = page.locator("#error")
+    expect(banner).to_be_visible()
+    assert banner.get_attribute("role") == "alert"
+    expect(banner).to_contain_text(detail)
+    expect(banner).to_contain_text("415")
+    assert page.url == url
+    expect(page.locator("#search-results")).to_be_hidden()
+    expect(page.locator("#search-button")).to_be_enabled()
+
+
+def test_api_key_is_asked_for_and_sent(page, live_server_with_key, errors, indexed_png):
+    errors.allowed.append("status of 401")
+    base_url, key = live_server_with_key
+    page.goto(base_url + "/")
+    expect(page.locator("body")).to_have_attribute("data-state", "auth")
+    expect(page.locator("#api-key")).to_be_visible()
+    assert page.get_attribute("#api-key", "type") == "password"
+    expect(page.locator("#file-input")).to_be_disabled()
+
+    page.fill("#api-key", "not-the-key")
+    page.click("#api-key-submit")
+    expect(page.locator("#error")).to_be_visible()
+    expect(page.locator("#error")).to_contain_text("wrong API key")
+    expect(page.locator("#api-key")).to_be_visible()
+
+    page.fill("#api-key", key)
+    page.click("#api-key-submit")
+    expect(page.locator("body")).to_have_attribute("data-state", "ready")
+    expect(page.locator("#auth-panel")).to_be_hidden()
+    expect(page.locator("#error")).to_be_hidden()
+    assert page.evaluate("sessionStorage.getItem('cbir-api-key')") == key
+    assert page.evaluate("localStorage.length") == 0
+
+    upload_and_wait(page, indexed_png, k=3)
+    wait_first_image(page)  # the image fetch carried the key too
+
+
+def test_position_maps_and_label_overlays(page, live_server, indexed_png):
+    open_app(page, live_server)
+    body = upload_and_wait(page, indexed_png, k=3)
+    wait_first_image(page)
+    first_map = cards(page).nth(0).locator("canvas.position-map")
+    second_map = cards(page).nth(1).locator("canvas.position-map")
+    expect(first_map).to_be_hidden()
+    expect(second_map).to_be_hidden()
+
+    # Hover shows one card's map; the global toggle shows them all.
+    page.mouse.move(0, 0)
+    cards(page).nth(1).locator(".thumb").hover()
+    expect(second_map).to_be_visible()
+    expect(cards(page).nth(1).locator(".cell-readout")).to_contain_text("position (")
+    page.mouse.move(0, 0)
+    expect(second_map).to_be_hidden()
+    page.check("#toggle-position-maps")
+    expect(first_map).to_be_visible()
+    expect(second_map).to_be_visible()
+
+    # Alpha follows value / max of the card's own map, row 0 at the top: the largest cell is
+    # the most opaque, a zero cell is clear.
+    grid = body["neighbors"][1]["position_distances"]
+    flat = [(v, r, c) for r, row in enumerate(grid) for c, v in enumerate(row)]
+    top, r, c = max(flat)
+    assert top > 0
+
+    def alpha(canvas, row: int, col: int) -> int:
+        return canvas.evaluate(
+            """(cv, [r, c]) => cv.getContext('2d')
+                 .getImageData(c * 32 + 16, r * 32 + 16, 1, 1).data[3]""", [row, col])
+
+    assert abs(alpha(second_map, r, c) - round(0.8 * 255)) <= 2
+    low, lr, lc = min(flat)
+    assert alpha(second_map, lr, lc) == pytest.approx(0.8 * 255 * low / top, abs=2)
+    assert all(alpha(first_map, row, col) == 0 for row in range(8) for col in (0, 4, 7))
+
+    # Label overlays: fetched with the same headers, shown over the images.
+    overlay = cards(page).first.locator("img.label-overlay")
+    expect(overlay).to_be_hidden()
+    page.check("#toggle-overlays")
+    expect(overlay).to_be_visible()
+    assert overlay.get_attribute("src").startswith("blob:")
+
+
+def test_more_like_this_searches_by_the_indexed_slice(page, live_server, indexed_png):
+    open_app(page, live_server)
+    body = upload_and_wait(page, indexed_png, k=3, space="concat")
+    picked = body["neighbors"][1]
+    with page.expect_response(
+            lambda r: f"/slices/{picked['slice_id']}/similar?" in r.url) as response:
+        cards(page).nth(1).locator(".similar-button").click()
+    assert response.value.ok and "space=concat" in response.value.url
+    expect(page.locator("#search-title")).to_contain_text(f"patient {picked['patient_id']}")
+    expect(cards(page)).to_have_count(3)
+    # The server leaves out the slice's own patient by default.
+    shown = page.locator("#neighbors .neighbor-card .patient").all_inner_texts()
+    assert picked["patient_id"] not in shown
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#query-panel img[data-role=image]');"
+        " return i && i.complete && i.naturalWidth > 0; }")
