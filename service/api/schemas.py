@@ -5,14 +5,31 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 Space = Literal["normal", "abnormal", "concat"]
 
 _DATA_URL = "a PNG as a data: URL (data:image/png;base64,...)"
+_PNG_EXAMPLE = "data:image/png;base64,iVBORw0KGgo..."
+
+
+def _example(**example) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"examples": [example]})
+
+
+_NEIGHBOR = {
+    "rank": 1, "slice_id": 4217, "patient_id": "BraTS20_Training_001", "slice_index": 77,
+    "distance": 12.5, "has_abnormality": True, "image_url": "/slices/4217/image.png",
+    "overlay_url": "/slices/4217/overlay.png",
+    "position_distances": [[0.0] * 8] * 3 + [[0.0, 0.0, 1.5, 4.0, 2.5, 0.0, 0.0, 0.0]]
+    + [[0.0, 0.0, 0.5, 3.0, 1.0, 0.0, 0.0, 0.0]] + [[0.0] * 8] * 3,
+}
+_QUERY = {"kind": "nifti", "slice": 77, "slice_count": 155, "predicted_abnormal_pixels": 1830}
 
 
 class Neighbor(BaseModel):
+    model_config = _example(**_NEIGHBOR)
+
     rank: int = Field(description="1 for the nearest.")
     slice_id: int = Field(description="The slice's id (its FAISS id).")
     patient_id: str = Field(description="The patient's external id, e.g. BraTS20_Training_001.")
@@ -28,6 +45,8 @@ class Neighbor(BaseModel):
 
 
 class QueryInfo(BaseModel):
+    model_config = _example(**_QUERY)
+
     kind: Literal["png", "jpeg", "nifti", "dicom", "indexed"]
     slice: int | None = Field(None, description="Axial slice read (NIfTI, multi-frame DICOM).")
     slice_count: int | None = Field(None, description="Axial slices in the uploaded volume.")
@@ -36,6 +55,10 @@ class QueryInfo(BaseModel):
 
 
 class SearchResponse(BaseModel):
+    model_config = _example(space="normal", k=1, query=_QUERY, image=_PNG_EXAMPLE,
+                            reconstruction=_PNG_EXAMPLE, pseudo_normal=_PNG_EXAMPLE,
+                            segmentation=_PNG_EXAMPLE, neighbors=[_NEIGHBOR])
+
     space: Space
     k: int
     query: QueryInfo
@@ -47,6 +70,13 @@ class SearchResponse(BaseModel):
 
 
 class ComposeResponse(BaseModel):
+    model_config = _example(space="concat", k=1, normal_query=_QUERY | {"kind": "png",
+                                                                        "slice": None,
+                                                                        "slice_count": None},
+                            abnormal_query=_QUERY, normal_image=_PNG_EXAMPLE,
+                            abnormal_image=_PNG_EXAMPLE, composite=_PNG_EXAMPLE,
+                            segmentation=_PNG_EXAMPLE, neighbors=[_NEIGHBOR])
+
     space: Literal["concat"] = "concat"
     k: int
     normal_query: QueryInfo
@@ -97,6 +127,11 @@ class PatientInfo(BaseModel):
 
 
 class IndexInfo(BaseModel):
+    model_config = _example(patients=40, slices=5412, abnormal_slices=1520, generation=3,
+                            preset="small", checkpoint_sha256="3f2a" + "0" * 60,
+                            spaces=["normal", "abnormal", "concat"], default_k=10, max_k=100,
+                            max_upload_mb=32.0, auth_required=True, faiss_gpu=False)
+
     patients: int
     slices: int
     abnormal_slices: int

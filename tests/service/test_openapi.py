@@ -60,3 +60,15 @@ def test_docs_and_spec_are_served(app):
                  "/slices/{slice_id}/image.png", "/slices/{slice_id}/overlay.png",
                  "/patients/{patient_id}", "/healthz", "/readyz", "/metrics", "/info"):
         assert path in spec["paths"], path
+
+
+def test_docs_carry_examples(app):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as c:
+        spec = c.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for name in ("SearchResponse", "ComposeResponse", "Neighbor", "IndexInfo"):
+        assert schemas[name].get("examples"), name
+    space = next(p for p in spec["paths"]["/search"]["post"]["parameters"] if p["name"] == "space")
+    assert {e["value"] for e in space["examples"].values()} == {"normal", "abnormal", "concat"}

@@ -44,15 +44,19 @@ SPACE_HELP = ("normal: same anatomy, lesion or not; abnormal: similar lesion in 
 UPLOAD_HELP = ("PNG or JPEG slice (8/16-bit, grey or RGB), NIfTI volume (.nii, .nii.gz) or a "
                "single DICOM file; the kind is read from the content")
 
-SpaceQ = Annotated[Space, Query(description=SPACE_HELP)]
+SpaceQ = Annotated[Space, Query(description=SPACE_HELP, openapi_examples={
+    "anatomy": {"summary": "same anatomy, lesion or not", "value": "normal"},
+    "lesion": {"summary": "similar lesion, any anatomy", "value": "abnormal"},
+    "both": {"summary": "anatomy and lesion", "value": "concat"}})]
 KQ = Annotated[int, Query(ge=1, le=MAX_K_LIMIT,
                           description="Neighbours to return, 1..CBIR_MAX_K (a setting, 100 unless "
                                       "changed).")]
 SliceQ = Annotated[int | None, Query(ge=0, description="Axial slice of a NIfTI volume (or frame "
                                                        "of a multi-frame DICOM); default: the "
                                                        "middle one.")]
-ExcludeQ = Annotated[str | None, Query(max_length=255, description="Leave out this patient's "
-                                                                   "slices (external id).")]
+ExcludeQ = Annotated[str | None, Query(
+    max_length=255, description="Leave out this patient's slices (external id).",
+    openapi_examples={"a BraTS patient": {"value": "BraTS20_Training_001"}})]
 AbnormalQ = Annotated[bool | None, Query(description="Only slices whose labels hold a lesion "
                                                      "(true) or hold none (false).")]
 
