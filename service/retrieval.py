@@ -216,6 +216,13 @@ class Retrieval:
                             f"the catalogue holds {len(self.slice_ids)}")
         return problems
 
+    def active_generation(self) -> int | None:
+        """The generation the catalogue has active now (an add or remove since start-up moves it
+        past the one served; restarting the server loads the new one)."""
+        with Session(self.engine) as session:
+            build = active_build(session)
+            return None if build is None else build.generation
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -365,7 +372,11 @@ class Retrieval:
             if pid in self._thumbs:
                 self._thumbs.move_to_end(pid)
                 return self._thumbs[pid]
-        thumbs = store.read_thumbnails(self.index_dir, pid)
+        try:
+            thumbs = store.read_thumbnails(self.index_dir, pid)
+        except FileNotFoundError:
+            raise NotFound(f"patient {self.patients[pid][0]} was removed from the index after "
+                           f"this server started; restart it to serve the current index") from None
         with self._thumbs_lock:
             self._thumbs[pid] = thumbs
             while len(self._thumbs) > THUMBNAIL_CACHE:

@@ -71,3 +71,29 @@ def test_healthz_answers_while_searches_run(live_server, indexed_png):
         t.join()
     assert done == [200] * 6
     assert answered_while_busy >= 1
+
+
+def test_readiness_reports_an_index_changed_on_disk(synth_cohort, tiny_checkpoint, tmp_path):
+    """A patient removed while serving: /readyz asks for a restart, its images get a 404 that
+    says why, and a restarted server no longer returns the patient."""
+    from fastapi.testclient import TestClient
+
+    from indexer.build import Indexer
+    from service.api.app import create_app
+    from service.config import Settings
+
+    index = tmp_path / "index"
+    Indexer(index).build([synth_cohort], checkpoint=tiny_checkpoint, progress=False, workers=0)
+    settings = Settings(index_dir=index)
+    with TestClient(create_app(settings)) as c:
+        sid = int(c.app.state.retrieval.slice_ids[0])
+        victim = c.get(f"/slices/{sid}").json()
+        Indexer(index).remove([victim["patient_id"]])
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "restart to load it" in r.json()["detail"]
+        r = c.get(f"/slices/{sid}/image.png")
+        assert r.status_code == 404 and "was removed from the index" in r.json()["detail"]
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/readyz").status_code == 200
+        assert c.get(f"/slices/{sid}").status_code == 404
+        assert c.get(f"/patients/{victim['patient_id']}").status_code == 404

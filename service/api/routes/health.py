@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from indexer.layout import SPACES
 from service.api.deps import RetrievalDep, SettingsDep, require_key
@@ -23,11 +24,16 @@ async def healthz() -> Health:
 @public.get("/readyz", response_model=Readiness, summary="Ready to search",
             responses={503: {"description": "Not loaded, or index and catalogue disagree"}})
 async def readyz(request: Request):
-    """Model, indices and catalogue loaded, and every index holds exactly the catalogue's ids."""
+    """Model, indices and catalogue loaded, every index holds exactly the catalogue's ids, and
+    the catalogue's active generation is the one loaded."""
     retrieval = request.app.state.retrieval
     if retrieval is None:
         return JSONResponse({"detail": f"not loaded: {request.app.state.load_error}"}, 503)
     problems = retrieval.consistency_problems()
+    active = await run_in_threadpool(retrieval.active_generation)
+    if active != retrieval.build.generation:
+        problems.append(f"the index changed on disk (generation {active} is active, this server "
+                        f"holds {retrieval.build.generation}): restart to load it")
     if problems:
         return JSONResponse({"detail": "; ".join(problems)}, 503)
     return Readiness(status="ready", generation=retrieval.build.generation,
