@@ -350,12 +350,14 @@ def gallery(
 def export_checkpoint_cmd(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Training checkpoint.")],
     out: Annotated[Path, typer.Option(help="Checkpoint to write, without optimizer state.")],
+    note: Annotated[str | None, typer.Option(
+        help="A line for users (e.g. an interim model's limits); the service shows it.")] = None,
 ) -> None:
     """Write a checkpoint for shipping: same weights (and sha256), no optimizer state."""
     from model.checkpoint import CheckpointError, export_checkpoint
 
     try:
-        payload = export_checkpoint(checkpoint, out)
+        payload = export_checkpoint(checkpoint, out, note=note)
     except CheckpointError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, preset {payload['preset']}, "

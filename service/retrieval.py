@@ -115,7 +115,8 @@ class Retrieval:
                  indices: dict[str, faiss.Index], build: IndexBuild, engine,
                  slice_ids: np.ndarray, slice_patient: np.ndarray, slice_index: np.ndarray,
                  slice_abnormal: np.ndarray, codes: np.ndarray, patients: dict[int, tuple],
-                 device: torch.device, inference_workers: int = 1):
+                 device: torch.device, inference_workers: int = 1,
+                 model_note: str | None = None):
         self.index_dir = index_dir
         self.model = model
         self.codebooks = codebooks
@@ -132,6 +133,7 @@ class Retrieval:
         self.patients = patients  # internal id -> (external id, has labels)
         self.patient_by_external = {ext: pid for pid, (ext, _) in patients.items()}
         self.device = device
+        self.model_note = model_note  # the checkpoint's note for users, if it has one
         self._inference = threading.Semaphore(inference_workers)
         self._thumbs: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._thumbs_lock = threading.Lock()
@@ -173,6 +175,7 @@ class Retrieval:
             "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available())
             else "cpu")
         model, ckpt = _load_matching_checkpoint(checkpoint, manifest, build, torch_device)
+        model_note = ckpt.get("note")
         try:
             indices = store.read_generation(index_dir, build.generation)
         except store.IndexStoreError as exc:
@@ -191,7 +194,7 @@ class Retrieval:
             slice_patient=np.array([r.patient_id for r in rows], np.int64),
             slice_index=np.array([r.slice_index for r in rows], np.int64),
             slice_abnormal=abnormal, codes=codes, patients=patients, device=torch_device,
-            inference_workers=inference_workers)
+            inference_workers=inference_workers, model_note=model_note)
         problems = retrieval.consistency_problems()
         if problems:
             raise RetrievalError("index and catalogue disagree: " + "; ".join(problems))

@@ -144,6 +144,8 @@ class IndexInfo(BaseModel):
     max_upload_mb: float
     auth_required: bool
     faiss_gpu: bool
+    model_note: str | None = Field(None, description="The checkpoint's note for users, e.g. the "
+                                                     "limits of an interim model.")
 
 
 class Health(BaseModel):

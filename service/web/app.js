@@ -209,6 +209,9 @@ function renderInfo(info) {
   if (info.faiss_gpu) stats.push('FAISS on GPU');
   if (info.auth_required) stats.push('API key in use');
   $('#index-stats').textContent = stats.join(' · ');
+  const note = $('#model-note');
+  note.textContent = info.model_note ? `Model: ${info.model_note}` : '';
+  note.hidden = !info.model_note;
 
   for (const option of $$('#space option')) {
     option.disabled = !info.spaces.includes(option.value);

@@ -97,3 +97,19 @@ def test_readiness_reports_an_index_changed_on_disk(synth_cohort, tiny_checkpoin
         assert c.get("/readyz").status_code == 200
         assert c.get(f"/slices/{sid}").status_code == 404
         assert c.get(f"/patients/{victim['patient_id']}").status_code == 404
+
+
+def test_info_shows_the_checkpoint_note(service_index):
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.config import Settings
+
+    r = Retrieval.open(service_index)
+    try:
+        assert r.model_note is None  # the tiny test checkpoint has none
+        r.model_note = "interim CPU run"
+        with TestClient(create_app(Settings(index_dir=service_index), r)) as c:
+            assert c.get("/info").json()["model_note"] == "interim CPU run"
+    finally:
+        r.close()

@@ -69,6 +69,7 @@ def page(browser, errors):
 def open_app(page, base_url: str) -> None:
     page.goto(base_url + "/")
     expect(page.locator("body")).to_have_attribute("data-state", "ready")
+    expect(page.locator("#model-note")).to_be_hidden()  # the test checkpoint carries no note
 
 
 def search_response(page, **params):

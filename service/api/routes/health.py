@@ -55,4 +55,4 @@ async def info(retrieval: RetrievalDep, settings: SettingsDep) -> IndexInfo:
         checkpoint_sha256=retrieval.build.checkpoint_sha256, spaces=list(SPACES),
         default_k=min(settings.default_k, settings.max_k), max_k=settings.max_k,
         max_upload_mb=settings.max_upload_mb, auth_required=bool(settings.api_key),
-        faiss_gpu=retrieval.faiss_gpu)
+        faiss_gpu=retrieval.faiss_gpu, model_note=retrieval.model_note)
