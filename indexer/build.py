@@ -90,7 +90,7 @@ class _PatientSlices(Dataset):
     def __getitem__(self, i: int):
         case = self.cases[i]
         try:
-            vols = load_case(case, with_healthy=False)
+            vols = load_case(case, with_healthy=False, with_anatomy=False)
         except VolumeError as exc:
             return case, None, f"{exc.path}: {exc.problem}"
         stacks = case_slices(vols)
@@ -103,7 +103,9 @@ class _PatientSlices(Dataset):
             areas = np.stack([(seg == k).sum(axis=(1, 2)) for k in (1, 2, 4)], axis=1)
         thumbnails = store.thumbnails_npz(stacks.slice_index,
                                           np.rint(stacks.image * 255).astype(np.uint8), seg)
-        return case, (stacks.image, stacks.slice_index, areas,
+        # A tensor, not an array: the loader hands tensors over in shared memory, where a
+        # (S, 256, 256) float32 array would be pickled through a pipe into the encoding process.
+        return case, (torch.from_numpy(stacks.image), stacks.slice_index, areas,
                       (stacks.image > 0).sum(axis=(1, 2)), thumbnails), None
 
 
@@ -139,7 +141,7 @@ def encode_cases(model, cases: list[Case], batch_size: int = 32, workers: int = 
                 yield case, problem
                 continue
             images, slice_index, areas, brain_area, thumbnails = payload
-            normal, abnormal = encode_slices(model, images, batch_size, device)
+            normal, abnormal = encode_slices(model, images.numpy(), batch_size, device)
             slices += len(normal)
             bar.set_postfix(slices_per_s=f"{slices / (time.perf_counter() - started):.1f}")
             yield EncodedPatient(case=case, slice_index=slice_index, normal_idx=normal,

