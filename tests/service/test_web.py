@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from model.checkpoint import export_checkpoint
+from service.config import Settings
+from tests.service.conftest import _serve
+
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
@@ -320,3 +324,22 @@ def test_more_like_this_searches_by_the_indexed_slice(page, live_server, indexed
     page.wait_for_function(
         "() => { const i = document.querySelector('#query-panel img[data-role=image]');"
         " return i && i.complete && i.naturalWidth > 0; }")
+
+
+def test_a_checkpoint_note_shows_in_the_header_as_text(page, service_index, tiny_checkpoint,
+                                                       tmp_path):
+    """An interim checkpoint's note (cbir export-checkpoint --note) reaches the reader, served
+    from a real exported copy with the index's weights; markup in it stays text."""
+    note = "interim <b>CPU</b> run: rankings not meaningful"
+    noted = tmp_path / "noted.pt"
+    export_checkpoint(tiny_checkpoint, noted, note=note)
+    url, server, thread = _serve(Settings(index_dir=service_index, checkpoint=noted))
+    try:
+        page.goto(url + "/")
+        expect(page.locator("body")).to_have_attribute("data-state", "ready")
+        expect(page.locator("#model-note")).to_be_visible()
+        expect(page.locator("#model-note")).to_have_text(f"Model: {note}")
+        assert page.locator("#model-note b").count() == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
