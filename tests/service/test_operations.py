@@ -99,17 +99,18 @@ def test_readiness_reports_an_index_changed_on_disk(synth_cohort, tiny_checkpoin
         assert c.get(f"/patients/{victim['patient_id']}").status_code == 404
 
 
-def test_info_shows_the_checkpoint_note(service_index):
+def test_info_shows_the_checkpoint_note(service_index, tiny_checkpoint, tmp_path):
+    """No note on the test checkpoint; an exported copy with a note (same weights, so the index
+    accepts it) shows it in /info."""
     from fastapi.testclient import TestClient
 
+    from model.checkpoint import export_checkpoint
     from service.api.app import create_app
     from service.config import Settings
 
-    r = Retrieval.open(service_index)
-    try:
-        assert r.model_note is None  # the tiny test checkpoint has none
-        r.model_note = "interim CPU run"
-        with TestClient(create_app(Settings(index_dir=service_index), r)) as c:
-            assert c.get("/info").json()["model_note"] == "interim CPU run"
-    finally:
-        r.close()
+    noted = tmp_path / "noted.pt"
+    export_checkpoint(tiny_checkpoint, noted, note="interim CPU run")
+    for checkpoint, expected in ((None, None), (noted, "interim CPU run")):
+        with TestClient(create_app(Settings(index_dir=service_index,
+                                            checkpoint=checkpoint))) as c:
+            assert c.get("/info").json()["model_note"] == expected
