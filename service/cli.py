@@ -404,5 +404,7 @@ def serve(
                 log_level="info")
 
 
+from service.cli_eval import eval_command  # noqa: E402, I001
+app.command("eval")(eval_command)
 if __name__ == "__main__":
     app()

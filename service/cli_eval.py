@@ -1,0 +1,78 @@
+"""``cbir eval``: measure what the retrieval returns against labels and baselines (issue 11)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--k takes comma-separated integers, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise typer.BadParameter(f"--k values must be at least 1, got {text!r}")
+    return ks
+
+
+def eval_command(
+    index: Annotated[Path, typer.Option("--index", help="Index directory: the references.")],
+    queries: Annotated[list[Path], typer.Option(
+        "--queries", help="Cohort folder of query patients, not in the index (repeatable).")],
+    out: Annotated[Path, typer.Option(help="Report folder: eval.json and index.html.")],
+    k: Annotated[str, typer.Option("--k", help="Neighbour counts, comma-separated.")] = "1,5,10",
+    max_queries: Annotated[int, typer.Option(
+        help="Query slices drawn, evenly per patient, half with a lesion where it has them "
+             "(0: every brain slice).")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the query draw, pairs and bootstrap.")] = 0,
+    references: Annotated[list[Path] | None, typer.Option(
+        "--references", help="Reference cohort folder, when it is no longer where the index "
+                             "read it (repeatable).")] = None,
+    db: Annotated[str | None, typer.Option(
+        "--db", help="Catalogue URL (default: the one the index records).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        "--checkpoint", help="Model checkpoint (default: the one the index was built with).")]
+    = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap draws per interval.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Slices per model batch.")] = 16,
+) -> None:
+    """Score each search space, the composed query and the model's images on query patients of
+    another cohort, beside raw-pixel, random and oracle baselines; write a JSON and HTML report."""
+    from service.evaluation.cohorts import EvaluationError
+    from service.evaluation.protocol import evaluate
+    from service.evaluation.report import write_report
+
+    ks = _ks(k)
+    for name, value, least in (("--max-queries", max_queries, 0), ("--bootstrap", bootstrap, 1),
+                               ("--batch-size", batch_size, 1)):
+        if value < least:
+            raise typer.BadParameter(f"{name} must be at least {least}, got {value}")
+    command = shlex.join(["cbir", *sys.argv[1:]])
+    try:
+        evaluation = evaluate(index, queries, ks=ks, max_queries=max_queries or None, seed=seed,
+                              reference_dirs=references, db_url=db, checkpoint=checkpoint,
+                              batch_size=batch_size, draws=bootstrap, command=command)
+    except (EvaluationError, FileNotFoundError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+    json_path, html_path = write_report(evaluation, out)
+    result = evaluation.result
+    for patient in result["references"]["patients_without_anatomy"][:5]:
+        typer.secho(f"no anatomy labels for reference patient {patient}: normal-label figures "
+                    f"left out", fg=typer.colors.YELLOW)
+    head = result["headline"]
+    typer.echo(f"{result['queries']['slices']} query slices of "
+               f"{len(result['queries']['patients'])} patients against "
+               f"{result['index']['slices']} reference slices, in "
+               f"{result['seconds']['total']:.0f} s")
+    typer.echo(f"at k = {head['k']}: model | pixels | random | oracle")
+    for row in head["figures"]:
+        values = " | ".join(f"{row[m]:.3f}" if m in row else "-"
+                            for m in ("model", "pixels", "random", "oracle"))
+        typer.echo(f"  {row['space']:>8} {row['figure']:<18} {values}")
+    typer.echo(f"wrote {json_path} and {html_path}")
