@@ -56,7 +56,7 @@ class UpsampleResBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Table A.2: code (B, 64, 8, 8) -> (B, out_channels, 256, 256).
+    """Table A.2: code (B, 64, 8, 8) -> (B, out_channels, S, S), S = model_size.
 
     With ``label_channels`` set, every upsampling row is normalized by SPADE on a label map of
     that many channels, average-pooled to the row's size (Figure B.1).
@@ -123,7 +123,11 @@ class ImageDecoder(Decoder):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config, out_channels=config.in_channels, label_channels=config.num_classes)
 
-    def forward(self, code: Tensor, condition: Tensor) -> Tensor:
+    def forward(self, code: Tensor, condition: Tensor | None) -> Tensor:
+        """``condition=None`` is the all-zero condition of x_hat-, computed without building it
+        (``SPADE._null_modulation``)."""
+        if condition is None:
+            return self._decode(code, None)
         if (
             condition.dim() != 4
             or condition.shape[0] != code.shape[0]

@@ -35,7 +35,7 @@ class ResBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """x (B, 1, 256, 256) -> (z_e- normal, z_e+ abnormal), each (B, 64, 8, 8).
+    """x (B, 1, S, S) -> (z_e- normal, z_e+ abnormal), each (B, 64, 8, 8); S = model_size.
 
     ``body`` holds Table A.1's rows in order (Conv, AvgPool, Res-block, AvgPool, ...), so its
     children's outputs are the table's output shapes.
@@ -44,7 +44,7 @@ class Encoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.in_channels = config.in_channels
-        self.image_size = config.image_size
+        self.model_size = config.model_size
         stem_width, *stage_widths = config.encoder_widths
         rows: list[nn.Module] = [
             nn.Sequential(  # Table A.1, row 'Conv [5x5 32]'
@@ -64,8 +64,8 @@ class Encoder(nn.Module):
         self.abnormal_head = nn.Conv2d(width, config.code_dim, kernel_size=3, padding=1)
 
     def trunk(self, x: Tensor) -> Tensor:
-        """The shared features before the split: (B, 1, 256, 256) -> (B, 512, 8, 8)."""
-        expected = (self.in_channels, self.image_size, self.image_size)
+        """The shared features before the split: (B, 1, S, S) -> (B, 512, 8, 8)."""
+        expected = (self.in_channels, self.model_size, self.model_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"expected slices of shape (B, {', '.join(map(str, expected))}), "

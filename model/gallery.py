@@ -37,7 +37,7 @@ def write_gallery(checkpoint: Path, data: Path, out: Path, max_rows: int = 6) ->
             continue
         i = int((stacks.abnormal > 0).sum(axis=(1, 2)).argmax())
         x = torch.from_numpy(stacks.image[i][None, None].copy())
-        out_ = model(x)
+        out_ = model.draw(x)  # at slice size, whatever the preset's own resolution
         pred = CLASS_TO_BRATS[out_.logits[0].argmax(0).numpy()]
         truth = CLASS_TO_BRATS[stacks.abnormal[i]]
         healthy = stacks.healthy[i] if stacks.healthy is not None else np.zeros_like(x[0, 0])

@@ -2,20 +2,40 @@
 
 ``L_total = L_lat + l1 L_dis + l2 L_seg + l3 L_rec + l4 L_res``
 
-Generalized Dice and SSIM come from MONAI; what is specific to this method (the masks, the hinge
-of L_dis, the split of the abnormal commitment by slice) is written here.
+Generalized Dice comes from MONAI, SSIM from ``model.ssim`` (MONAI's value, computed separably);
+what is specific to this method (the masks, the hinge of L_dis, the split of the abnormal
+commitment by slice) is written here. The losses compare at the network's resolution: the
+image and labels are brought to the outputs' size (``downsample_labels``) when the preset runs
+smaller than the slices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.losses import GeneralizedDiceLoss, SSIMLoss
+from monai.losses import GeneralizedDiceLoss
 from torch import Tensor
 
 from model.network import DecompositionOutput
+from model.ssim import ssim_loss
+
+
+def downsample_labels(target: Tensor, size: int, num_classes: int) -> Tensor:
+    """Class maps (B, H, W) -> (B, size, size) by majority over each block of pixels.
+
+    Ties go to a lesion class over background (and to the lower class among lesion classes), so
+    a thin rim or a small core is not erased by the resizing.
+    """
+    if target.shape[-1] == size:
+        return target
+    onehot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).float()  # (B, K, H, W)
+    votes = F.interpolate(onehot, size=size, mode="area")  # (B, K, size, size)
+    votes[:, 1:] += 1e-3 * torch.arange(num_classes - 1, 0, -1, device=votes.device)[:, None,
+                                                                                      None]
+    return votes.argmax(1)
 
 
 @dataclass
@@ -36,24 +56,30 @@ class LossWeights:
 class DecompositionLoss(torch.nn.Module):
     """Callable ``(output, image, target) -> (total, terms)``.
 
-    ``image`` (B, 1, H, W) in [0, 1]; ``target`` (B, H, W) int64 classes 0 background, 1 TC,
-    2 ED, 3 ET. ``terms`` holds every loss term as a detached float tensor, for logging.
+    ``image`` (B, 1, H, W) in [0, 1] at slice size; ``target`` (B, H, W) int64 classes
+    0 background, 1 TC, 2 ED, 3 ET. ``terms`` holds every loss term as a detached float
+    tensor, for logging.
     """
 
-    def __init__(self, weights: LossWeights | None = None):
+    def __init__(self, weights: LossWeights | None = None,
+                 ssim: Callable[[Tensor, Tensor], Tensor] = ssim_loss):
         super().__init__()
         self.weights = weights or LossWeights()
+        self.ssim = ssim  # 1 - SSIM; MONAI's SSIMLoss is the plain equivalent
         # eq. (4): classes are the abnormal ones only (K = 3), w_k = 1 / (sum y_k)^2; summed over
         # the whole batch so a batch with one tiny lesion still has a finite weight.
         self.dice = GeneralizedDiceLoss(include_background=False, to_onehot_y=True, softmax=True,
                                         w_type="square", batch=True)
-        self.ssim = SSIMLoss(spatial_dims=2, data_range=1.0)  # 1 - SSIM (Wang et al., 2004)
 
     def _l2_ssim(self, a: Tensor, b: Tensor) -> Tensor:
         return F.mse_loss(a, b) + self.ssim(a, b)
 
     def forward(self, out: DecompositionOutput, image: Tensor, target: Tensor):
         w = self.weights
+        size = out.reconstruction.shape[-1]
+        if image.shape[-1] != size:  # the preset runs below slice size: compare at its size
+            image = F.interpolate(image, size=size, mode="area")
+            target = downsample_labels(target, size, out.logits.shape[1])
         mask = (target > 0).unsqueeze(1).to(image.dtype)  # M: (B, 1, H, W)
         normal_region = 1.0 - mask  # M-bar
         abnormal_slice = mask.flatten(1).any(dim=1)  # (B,)
@@ -83,5 +109,6 @@ class DecompositionLoss(torch.nn.Module):
 
         total = l_lat + w.dis * l_dis + w.seg * l_seg + w.rec * l_rec + w.res * l_res
         terms = {"total": total, "lat": l_lat, "dis": l_dis, "seg": l_seg, "rec": l_rec,
-                 "rec_minus": l_rec_minus, "rec_plus": l_rec_plus, "res": l_res}
+                 "rec_minus": l_rec_minus, "rec_plus": l_rec_plus, "res": l_res,
+                 "commit_normal": out.normal.commitment, "commit_abn_lesion": commit_plus}
         return total, {k: v.detach() for k, v in terms.items()}

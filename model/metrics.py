@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import torch
-from monai.metrics.regression import compute_ssim_and_cs
 from torch import Tensor
 
-SSIM_WINDOW = 11  # Wang et al. (2004): 11 x 11 Gaussian window, sigma 1.5
+from model import ssim
+
+SSIM_WINDOW = ssim.WINDOW  # Wang et al. (2004): 11 x 11 Gaussian window, sigma 1.5
 _HALF = SSIM_WINDOW // 2
 
 
 def ssim_map(a: Tensor, b: Tensor) -> Tensor:
     """Local SSIM of two (B, 1, H, W) images in [0, 1]: (B, 1, H - 10, W - 10), valid windows."""
-    s, _ = compute_ssim_and_cs(a.float(), b.float(), spatial_dims=2,
-                               kernel_size=(SSIM_WINDOW,) * 2, kernel_sigma=(1.5, 1.5),
-                               data_range=1.0)
-    return s
+    return ssim.ssim_map(a, b, data_range=1.0)
 
 
 def masked_ssim_sums(a: Tensor, b: Tensor, region: Tensor) -> tuple[float, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
@@ -37,15 +38,26 @@ class Codes:
 
 @dataclass
 class DecompositionOutput:
-    """Everything one training step needs from a batch."""
+    """Everything one training step needs from a batch, at the network's own resolution
+    S = ``config.model_size`` (128 in the ``cpu`` preset, 256 in the others)."""
 
     normal_pre: Tensor  # z_e-: (B, 64, 8, 8)
     abnormal_pre: Tensor  # z_e+: (B, 64, 8, 8)
     normal: Quantized  # quantizer pass on z_e-: z_q-, indices, commitment, distances
     abnormal: Quantized  # quantizer pass on z_e+ (its distances feed L_dis, eq. 3)
-    logits: Tensor  # (B, 4, 256, 256) segmentation logits: background, TC, ED, ET
-    reconstruction: Tensor  # x_hat+ = f(z_q-, condition(logits)): (B, 1, 256, 256)
-    pseudo_normal: Tensor  # x_hat- = f(z_q-, 0): (B, 1, 256, 256)
+    logits: Tensor  # (B, 4, S, S) segmentation logits: background, TC, ED, ET
+    reconstruction: Tensor  # x_hat+ = f(z_q-, condition(logits)): (B, 1, S, S)
+    pseudo_normal: Tensor  # x_hat- = f(z_q-, 0): (B, 1, S, S)
+
+
+@dataclass
+class Drawn:
+    """What the model draws for a batch of slices, at the slices' size (256 x 256)."""
+
+    codes: Codes
+    logits: Tensor  # (B, 4, 256, 256) segmentation logits
+    reconstruction: Tensor  # x_hat+: (B, 1, 256, 256)
+    pseudo_normal: Tensor  # x_hat-: (B, 1, 256, 256)
 
 
 def he_init(module: nn.Module) -> None:
@@ -57,6 +69,11 @@ def he_init(module: nn.Module) -> None:
 
 
 class DecompositionNet(nn.Module):
+    """Slices in and images out are ``config.image_size`` square; the network in between runs
+    at ``config.model_size``. The two resizings live in ``to_model_size`` / ``to_image_size``
+    and nowhere else; the codes are 64 x 8 x 8 either way.
+    """
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -77,13 +94,37 @@ class DecompositionNet(nn.Module):
             if isinstance(module, SPADE):
                 module.reset_modulation()
 
-    def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Quantized, Quantized]:
-        normal_pre, abnormal_pre = self.encoder(x)  # (B, 64, 8, 8) each
+    # -- the one place where resolution changes ---------------------------------------------------
+
+    def to_model_size(self, x: Tensor) -> Tensor:
+        """Slices (B, C, 256, 256) -> (B, C, S, S) by area averaging (a no-op when S = 256)."""
+        size = self.config.image_size
+        if x.dim() != 4 or tuple(x.shape[-2:]) != (size, size):
+            raise ValueError(f"expected slices of shape (B, C, {size}, {size}), "
+                             f"got {tuple(x.shape)}")
+        if self.config.model_size == size:
+            return x
+        return F.interpolate(x, size=self.config.model_size, mode="area")
+
+    def to_image_size(self, y: Tensor) -> Tensor:
+        """Network outputs (B, C, S, S) -> (B, C, 256, 256), bilinear (a no-op when S = 256)."""
+        if y.shape[-1] == self.config.image_size:
+            return y
+        return F.interpolate(y, size=self.config.image_size, mode="bilinear",
+                             align_corners=False)
+
+    # -- encoding ---------------------------------------------------------------------------------
+
+    def _quantize(self, x: Tensor, lesion: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, Quantized, Quantized]:
+        normal_pre, abnormal_pre = self.encoder(self.to_model_size(x))  # (B, 64, 8, 8) each
         return (
             normal_pre,
             abnormal_pre,
             self.normal_quantizer(normal_pre),
-            self.abnormal_quantizer(abnormal_pre),
+            # Appendix C trains the abnormal code towards its codebook only where abnormality
+            # exists: only those slices move its EMA, seed it and restart its dead codes.
+            self.abnormal_quantizer(abnormal_pre, update=lesion),
         )
 
     def encode(self, x: Tensor) -> Codes:
@@ -101,9 +142,11 @@ class DecompositionNet(nn.Module):
             abnormal_pre=abnormal_pre,
         )
 
+    # -- decoding ---------------------------------------------------------------------------------
+
     def segment(self, abnormal: Tensor) -> Tensor:
         """Abnormal code z_q+ (B, 64, 8, 8) -> segmentation logits (B, 4, 256, 256)."""
-        return self.segmentation_decoder(abnormal)
+        return self.to_image_size(self.segmentation_decoder(abnormal))
 
     @staticmethod
     def condition(logits: Tensor) -> Tensor:
@@ -120,21 +163,28 @@ class DecompositionNet(nn.Module):
         background = logits.argmax(dim=1, keepdim=True) == 0  # (B, 1, H, W)
         return logits.masked_fill(background, 0.0)  # (B, 4, H, W)
 
-    def null_condition(self, batch: int, like: Tensor) -> Tensor:
-        """The all-zero condition of x_hat-: (B, 4, 256, 256) on ``like``'s device and dtype."""
-        size = self.config.image_size
-        return like.new_zeros(batch, self.config.num_classes, size, size)
-
     def decode(self, normal: Tensor, condition: Tensor | None) -> Tensor:
-        """f(z_q-, condition) -> (B, 1, 256, 256); ``None`` is the null (all-zero) condition."""
-        if condition is None:
-            condition = self.null_condition(normal.shape[0], normal)
-        return self.image_decoder(normal, condition)
+        """f(z_q-, condition) -> (B, 1, 256, 256); ``None`` is the null (all-zero) condition.
+
+        A condition of any size is average-pooled to each decoder level."""
+        return self.to_image_size(self.image_decoder(normal, condition))
+
+    def draw(self, x: Tensor) -> Drawn:
+        """Codes, segmentation, x_hat+ and x_hat- of slices (B, 1, 256, 256), all at 256 x 256.
+
+        The condition of x_hat+ is taken from the logits at the network's resolution, as in
+        training, before anything is resized."""
+        codes = self.encode(x)
+        logits = self.segmentation_decoder(codes.abnormal)  # (B, 4, S, S)
+        reconstruction = self.image_decoder(codes.normal, self.condition(logits))
+        pseudo_normal = self.image_decoder(codes.normal, None)
+        return Drawn(codes=codes, logits=self.to_image_size(logits),
+                     reconstruction=self.to_image_size(reconstruction),
+                     pseudo_normal=self.to_image_size(pseudo_normal))
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """x_hat+: the slice redrawn from both of its codes."""
-        codes = self.encode(x)
-        return self.decode(codes.normal, self.condition(self.segment(codes.abnormal)))
+        return self.draw(x).reconstruction
 
     def pseudo_normal(self, x: Tensor) -> Tensor:
         """x_hat-: the slice redrawn from its normal code alone (the lesion removed)."""
@@ -150,13 +200,23 @@ class DecompositionNet(nn.Module):
                 f"normal and abnormal indices differ in shape: "
                 f"{tuple(normal_indices.shape)} and {tuple(abnormal_indices.shape)}"
             )
-        return self.decode(normal, self.condition(self.segment(abnormal)))
+        condition = self.condition(self.segmentation_decoder(abnormal))  # (B, 4, S, S)
+        return self.to_image_size(self.image_decoder(normal, condition))
 
-    def forward(self, x: Tensor) -> DecompositionOutput:
-        normal_pre, abnormal_pre, normal, abnormal = self._quantize(x)
-        logits = self.segment(abnormal.quantized)  # (B, 4, 256, 256)
-        reconstruction = self.decode(normal.quantized, self.condition(logits))  # x_hat+
-        pseudo_normal = self.decode(normal.quantized, torch.zeros_like(logits))  # x_hat-
+    def forward(self, x: Tensor, lesion: Tensor | None = None,
+                null_shortcut: bool = True) -> DecompositionOutput:
+        """Training pass on slices (B, 1, 256, 256); outputs at the network's size S.
+
+        ``lesion`` (B,) bool marks the slices with abnormality: in training, only they update the
+        abnormal codebook. ``None`` lets every slice update it. ``null_shortcut=False`` draws
+        x_hat- from an explicit all-zero map instead of ``SPADE._null_modulation`` (the plain
+        computation the shortcut is tested and benchmarked against).
+        """
+        normal_pre, abnormal_pre, normal, abnormal = self._quantize(x, lesion)
+        logits = self.segmentation_decoder(abnormal.quantized)  # (B, 4, S, S)
+        reconstruction = self.image_decoder(normal.quantized, self.condition(logits))  # x_hat+
+        null = None if null_shortcut else torch.zeros_like(logits)
+        pseudo_normal = self.image_decoder(normal.quantized, null)  # x_hat-
         return DecompositionOutput(
             normal_pre=normal_pre,
             abnormal_pre=abnormal_pre,

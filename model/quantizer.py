@@ -80,7 +80,9 @@ class VectorQuantizer(nn.Module):
             f"eps={self.eps}, dead_code_ratio={self.dead_code_ratio}"
         )
 
-    def forward(self, z: Tensor) -> Quantized:
+    def forward(self, z: Tensor, update: Tensor | None = None) -> Quantized:
+        """Quantize z (B, D, H, W). In training, ``update`` (B,) bool selects the samples whose
+        positions move the codebook (EMA, data init, dead-code restarts); ``None``: all."""
         if z.dim() != 4 or z.shape[1] != self.code_dim:
             raise ValueError(
                 f"expected a (B, {self.code_dim}, H, W) map to quantize, got {tuple(z.shape)}"
@@ -101,13 +103,22 @@ class VectorQuantizer(nn.Module):
             codes = self._vectors(indices)  # (B, D, H, W), before this step's EMA update
 
             if self.training:
-                if not bool(self.initialized):
-                    self._init_from(flat.detach())
-                    distances = torch.cdist(flat.detach(), self.codebook)  # (N, K)
-                    flat_indices = distances.argmin(1)
-                    indices = flat_indices.view(batch, height, width)
-                    codes = self._vectors(indices)
-                self._update(flat.detach(), flat_indices)
+                rows = flat.detach()  # (N, D)
+                keep = None
+                if update is not None:
+                    if update.shape != (batch,):
+                        raise ValueError(f"update mask must have shape ({batch},), "
+                                         f"got {tuple(update.shape)}")
+                    keep = update.to(z.device, torch.bool).repeat_interleave(height * width)
+                    rows = rows[keep]  # (N', D)
+                if rows.shape[0]:
+                    if not bool(self.initialized):
+                        self._init_from(rows)
+                        distances = torch.cdist(flat.detach(), self.codebook)  # (N, K)
+                        flat_indices = distances.argmin(1)
+                        indices = flat_indices.view(batch, height, width)
+                        codes = self._vectors(indices)
+                    self._update(rows, flat_indices if keep is None else flat_indices[keep])
 
             residual = (z - codes.detach()).pow(2)  # (B, D, H, W)
             # Straight-through: the value is exactly the code vectors (so re-decoding stored

@@ -1,9 +1,11 @@
 """Training the decomposition network: ``cbir train``.
 
-Reproducible and resumable: every epoch re-seeds torch from (seed, epoch) before shuffling,
-augmenting and restarting dead codes, so an epoch run after ``--resume`` draws exactly what it
-would have drawn in an uninterrupted run. A checkpoint is written atomically after every epoch,
-and one JSON line of metrics is appended to ``<out>.metrics.jsonl``.
+Step-based, reproducible and resumable: the batch of step t is drawn from the (seed, epoch)
+shuffle, and torch is re-seeded from (seed, t) before augmenting and restarting dead codes, so a
+step run after ``--resume`` draws exactly what it would have drawn in an uninterrupted run. A
+wall-clock budget (``minutes``) or a signal stops a run cleanly: it evaluates, checkpoints and
+returns. Every evaluation appends one JSON line to ``<out>.metrics.jsonl`` and redraws
+``<out>.curves.png``.
 """
 
 from __future__ import annotations
@@ -12,44 +14,84 @@ import hashlib
 import json
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from model.config import preset as model_preset
+from model.curves import plot_curves, read_log
 from model.data.brats import find_cases
 from model.data.dataset import SliceDataset
+from model.held_out import evaluate
 from model.losses import DecompositionLoss, LossWeights
-from model.metrics import dice_counts, dice_from_counts, masked_ssim_sums
 from model.network import DecompositionNet
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES = ("TC", "ED", "ET")
-
 
 @dataclass
 class TrainConfig:
-    preset: str = "small"
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float = 1e-4  # the authors' code; the paper's 5e-3 is recorded separately in the card
+    """The recipe of a run. It travels in the checkpoint; ``--resume`` continues with it."""
+
+    preset: str = "cpu"
+    steps: int = 20_000  # planned optimizer steps: the learning-rate schedule spans them
+    batch_size: int = 8
+    lr: float = 1e-3  # peak Adam learning rate (the paper's 5e-3 collapsed the codebooks here)
+    min_lr: float = 5e-5  # cosine decay ends here at ``steps``
+    warmup_steps: int = 200  # linear warm-up from lr / 10 to lr
     weight_decay: float = 1e-5  # the authors' code
     seed: int = 0
-    val_fraction: float = 0.1  # patients held out for the per-epoch metrics
+    val_fraction: float = 0.1  # patients held out for the evaluations
+    eval_every: int = 500  # steps between held-out evaluations (and checkpoints)
+    # Evaluate on this many held-out slices, evenly spaced through them (None: all of them).
+    eval_slices: int | None = None
     augment: bool = True  # horizontal flip, scale 0.9-1.1, rotation +-10 degrees
-    max_steps_per_epoch: int | None = None  # cap for quick runs; None: the whole training set
-    weights: LossWeights = field(default_factory=LossWeights)
+    # Only slices with a lesion move the abnormal codebook (EMA, data init, restarts): Appendix C
+    # trains the abnormal code towards its codebook only where abnormality exists.
+    lesion_codebook: bool = True
+    bf16: bool = True  # bf16 autocast where the CPU or GPU supports it; losses, VQ in fp32
+    channels_last: bool = True  # NHWC memory format (faster convolutions on the CPU)
+    weights: LossWeights = field(default_factory=lambda: LossWeights(rec=5.0))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        values = dict(values)
+        weights = LossWeights(**values.pop("weights", {}))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TrainingError(f"unknown training settings in the checkpoint: "
+                                f"{', '.join(unknown)}")
+        return cls(**values, weights=weights)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up from lr / 10, then cosine decay to min_lr at ``config.steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (0.1 + 0.9 * step / config.warmup_steps)
+    span = max(config.steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def use_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast runs natively here (AVX-512 BF16 / AMX on the CPU, or CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class TrainingError(ValueError):
@@ -99,62 +141,46 @@ def augment(batch: dict, generator: torch.Generator) -> dict:
     return out
 
 
-@torch.no_grad()
-def evaluate(model: DecompositionNet, loader: DataLoader, device: torch.device) -> dict:
-    """Held-out metrics: reconstruction SSIM in the brain; pseudo-normal SSIM against the healthy
-    ground truth inside the lesion and in the brain outside it; Dice per class."""
-    model.eval()
-    sums = {"rec": [0.0, 0], "pn_in": [0.0, 0], "pn_out": [0.0, 0]}
-    counts = torch.zeros(len(CLASS_NAMES), 3, dtype=torch.float64)
-    for batch in loader:
-        x = batch["image"].to(device)
-        out = model(x)
-        lesion = (batch["abnormal"] > 0)[:, None].to(device)
-        brain = x > 0
-        # Inside the brain: over the whole slice the zero background alone scores ~0.6.
-        s, n = masked_ssim_sums(out.reconstruction.clamp(0, 1), x, brain)
-        sums["rec"][0] += s
-        sums["rec"][1] += n
-        healthy = batch["healthy"].to(device)
-        has_healthy = (healthy >= 0).flatten(1).all(1)
-        if has_healthy.any():
-            pn, h = out.pseudo_normal[has_healthy].clamp(0, 1), healthy[has_healthy]
-            les = lesion[has_healthy]
-            for key, region in (("pn_in", les), ("pn_out", ~les & brain[has_healthy])):
-                s, n = masked_ssim_sums(pn, h, region)
-                sums[key][0] += s
-                sums[key][1] += n
-        has_seg = batch["has_seg"].to(device)
-        if has_seg.any():
-            pred = out.logits[has_seg].argmax(1)
-            counts += dice_counts(pred.cpu(), batch["abnormal"][has_seg.cpu()], 4)
-    model.train()
-    metrics = {
-        "ssim_reconstruction": sums["rec"][0] / max(sums["rec"][1], 1),
-        "ssim_pseudo_normal_in_lesion": (sums["pn_in"][0] / sums["pn_in"][1]
-                                         if sums["pn_in"][1] else None),
-        "ssim_pseudo_normal_outside_lesion": (sums["pn_out"][0] / sums["pn_out"][1]
-                                              if sums["pn_out"][1] else None),
-    }
-    for name, d in zip(CLASS_NAMES, dice_from_counts(counts), strict=True):
-        metrics[f"dice_{name}"] = d
-    return metrics
-
-
-def _usage(hist: torch.Tensor) -> dict:
-    p = hist / hist.sum().clamp_min(1)
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"perplexity": float(entropy.exp()), "used_fraction": float((hist > 0).float().mean())}
-
-
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False,
-          progress: bool = True, log_line: Callable[[str], None] | None = None) -> dict:
-    """Train, checkpointing to ``out`` every epoch. Returns the last epoch's metrics record."""
-    out = Path(out)
+def _batch(dataset: SliceDataset, items: list[int]) -> dict:
+    rows = [dataset[i] for i in items]
+    return {key: torch.stack([r[key] for r in rows]) for key in ("image", "abnormal")}
+
+
+def _order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled training order of one epoch: a function of (seed, epoch) only."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM: the run finishes its step, evaluates, checkpoints and returns."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._set)
+        return self
+
+    def _set(self, signum, frame) -> None:
+        if self.raised:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.raised = True
+        log.warning("stop requested: finishing the step, evaluating and checkpointing")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _load_cases(data: list[Path]) -> tuple[list, list]:
     cases, skipped = [], []
     for root in data:
         try:
@@ -165,24 +191,53 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
         skipped += scan.skipped
     if not cases:
         raise TrainingError(f"no patient with a t1ce image under {', '.join(map(str, data))}")
+    return cases, skipped
+
+
+def _resume_state(out: Path, config: TrainConfig, fingerprint: str) -> dict:
+    try:
+        state = read_checkpoint(out)
+    except CheckpointError as exc:
+        raise TrainingError(f"cannot resume: {exc}") from exc
+    if "step" not in state or "optimizer" not in state:
+        raise TrainingError(f"cannot resume: {out} has no training state (an exported "
+                            f"checkpoint?); resume from the training checkpoint")
+    if state["preset"] != config.preset:
+        raise TrainingError(f"cannot resume: {out} is a '{state['preset']}' checkpoint, "
+                            f"this run asks for '{config.preset}'")
+    if state.get("data_fingerprint") != fingerprint:
+        raise TrainingError(f"cannot resume: {out} was trained on other data "
+                            f"(fingerprint differs)")
+    recorded = TrainConfig.from_dict(state["train_config"])
+    if recorded != config:
+        ours, theirs = config.to_dict(), recorded.to_dict()
+        diff = ", ".join(f"{k} {theirs[k]} -> {ours[k]}" for k in ours if ours[k] != theirs[k])
+        raise TrainingError(f"cannot resume: {out} was trained with other settings ({diff}); "
+                            f"resume with the recorded ones")
+    return state
+
+
+def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False,
+          minutes: float | None = None, progress: bool = True,
+          log_line: Callable[[str], None] | None = None) -> dict:
+    """Train until ``config.steps`` or until ``minutes`` of wall time have passed in this run.
+
+    Evaluates on the held-out patients and checkpoints ``out`` atomically every
+    ``config.eval_every`` steps and when it stops; ``<out stem>.best.pt`` holds the checkpoint
+    with the best held-out score so far. One JSON line per evaluation goes to
+    ``<out>.metrics.jsonl`` and the curves to ``<out>.curves.png``. A run resumed with
+    ``resume=True`` continues exactly where the checkpoint stopped (same batches, same
+    augmentation, same schedule), so one training can be split into several runs.
+    """
+    started = time.monotonic()
+    out = Path(out)
+    cases, skipped = _load_cases(data)
     fingerprint = data_fingerprint(
         [(c.pid, [f for f in (c.t1ce, c.seg) if f is not None]) for c in cases])
-
     model_config = model_preset(config.preset)
-    start_epoch = 0
     state = None
     if resume and out.exists():
-        try:
-            state = read_checkpoint(out)
-        except CheckpointError as exc:
-            raise TrainingError(f"cannot resume: {exc}") from exc
-        if state["preset"] != config.preset or state["config"] != model_config.to_dict():
-            raise TrainingError(f"cannot resume: {out} is a '{state['preset']}' checkpoint, "
-                                f"this run asks for '{config.preset}'")
-        if state.get("data_fingerprint") != fingerprint:
-            raise TrainingError(f"cannot resume: {out} was trained on other data "
-                                f"(fingerprint differs)")
-        start_epoch = int(state["epoch"]) + 1
+        state = _resume_state(out, config, fingerprint)
     elif not resume and out.exists():
         raise TrainingError(f"{out} exists: pass --resume to continue it, or choose another "
                             f"--out")
@@ -195,94 +250,149 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
                               config.seed)
     val_idx = dataset.indices_of(held_out)
     train_idx = sorted(set(range(len(dataset))) - set(val_idx))
+    eval_idx = val_idx
+    if config.eval_slices is not None and len(val_idx) > config.eval_slices:
+        stride = len(val_idx) / config.eval_slices
+        eval_idx = [val_idx[int(i * stride)] for i in range(config.eval_slices)]
+    steps_per_epoch = max(len(train_idx) // config.batch_size, 1)
 
     device = _device()
     torch.manual_seed(config.seed)
     model = DecompositionNet(model_config).to(device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr,
                                  weight_decay=config.weight_decay)
+    step, train_seconds, best = 0, 0.0, float("-inf")
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        step, train_seconds = int(state["step"]), float(state.get("train_seconds", 0.0))
+        best = float(state.get("best_score", float("-inf")))
     criterion = DecompositionLoss(config.weights)
-    use_amp = device.type == "cuda"
-    val_loader = DataLoader(Subset(dataset, val_idx), batch_size=config.batch_size)
+    bf16 = config.bf16 and use_bf16(device)
     metrics_path = out.with_name(out.name + ".metrics.jsonl")
-    record: dict = {}
+    best_path = out.with_name(out.stem + ".best" + out.suffix)
+    extra = {"train_config": config.to_dict(), "data_fingerprint": fingerprint,
+             "held_out_patients": sorted(held_out), "train_data": [str(d) for d in data],
+             "hardware": _hardware(device)}
 
-    for epoch in range(start_epoch, config.epochs):
-        torch.manual_seed(config.seed * 100_003 + epoch)  # shuffling, augmentation, restarts
-        g = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        loader = DataLoader(Subset(dataset, train_idx), batch_size=config.batch_size,
-                            shuffle=True, generator=g, drop_last=len(train_idx) > config.batch_size)
-        steps = len(loader) if config.max_steps_per_epoch is None else min(
-            len(loader), config.max_steps_per_epoch)
-        model.train()
-        totals: dict[str, float] = {}
-        hists = [torch.zeros(model_config.codebook_size, device=device) for _ in range(2)]
-        started = time.perf_counter()
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
-                   disable=not progress)
-        for step, batch in enumerate(loader):
-            if step >= steps:
-                break
+    def checkpoint(record: dict) -> None:
+        nonlocal best
+        payload = {**extra, "step": step, "train_seconds": round(train_seconds, 1),
+                   "optimizer": optimizer.state_dict(), "metrics": record}
+        score = record.get("held_out", {}).get("score")
+        improved = score is not None and score > best
+        if improved:
+            best = score
+        payload["best_score"] = best
+        save_checkpoint(out, model, config.preset, extra=payload)
+        if improved:
+            save_checkpoint(best_path, model, config.preset,
+                            extra={k: v for k, v in payload.items() if k != "optimizer"})
+
+    def evaluation(totals: dict, since: int, seconds: float) -> dict:
+        t0 = time.monotonic()
+        held = evaluate(model, dataset, eval_idx, device) if eval_idx else {}
+        record = {
+            "step": step,
+            "slices_seen": step * config.batch_size,
+            "train_min": round(train_seconds / 60, 2),
+            "slices_per_s": round(since * config.batch_size / seconds, 2) if seconds else 0.0,
+            "train_loss": {k: round(v / max(since, 1), 5) for k, v in totals.items()},
+            "held_out": held,
+            "lr": learning_rate(config, step),
+            "eval_s": round(time.monotonic() - t0, 1),
+        }
+        checkpoint(record)
+        with open(metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        plot_curves(read_log(metrics_path), out.with_name(out.name + ".curves.png"),
+                    title=f"{out.name}: preset {config.preset}, batch {config.batch_size}")
+        if log_line:
+            log_line(_summary(record))
+        return record
+
+    start_step = step
+    record: dict = {}
+    if step == 0 and val_idx:
+        record = evaluation({}, 0, 0.0)  # the untrained baseline of the curves
+    budget = None if minutes is None else minutes * 60
+    last_eval_s = 0.0
+    model.train()
+    totals: dict[str, float] = {}
+    since, window_start = 0, time.monotonic()
+    bar = tqdm(total=config.steps, initial=step, desc="training", unit="step",
+               disable=not progress)
+    with _StopFlag() as stop:
+        while step < config.steps:
+            epoch, position = divmod(step, steps_per_epoch)
+            order = _order(len(train_idx), config.seed, epoch)
+            items = [train_idx[i] for i in order[position * config.batch_size:
+                                                (position + 1) * config.batch_size]]
+            # Augmentation, dead-code restarts and dropout-like draws: a function of the step.
+            torch.manual_seed(config.seed * 1_000_003 + step)
+            batch = _batch(dataset, items)
             if config.augment:
-                batch = augment(batch, g)
-            x = batch["image"].to(device, non_blocking=True)
-            target = batch["abnormal"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                output = model(x)
-                loss, terms = criterion(output, x, target)
+                batch = augment(batch, torch.Generator().manual_seed(config.seed * 7919 + step))
+            x = batch["image"].to(device).contiguous(memory_format=memory_format)
+            target = batch["abnormal"].to(device)
+            lesion = (target > 0).flatten(1).any(1) if config.lesion_codebook else None
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
+            t0 = time.monotonic()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                output = model(x, lesion=lesion)
+            loss, terms = criterion(output, x.float(), target)
             if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, step "
-                                    f"{step + 1}: lower the learning rate (--lr)")
+                raise TrainingError(f"loss became {loss.item()} at step {step + 1}: lower the "
+                                    f"learning rate (--lr)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            step += 1
+            train_seconds += time.monotonic() - t0
+            since += 1
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-            for h, q in zip(hists, (output.normal, output.abnormal), strict=True):
-                h += torch.bincount(q.indices.flatten(), minlength=model_config.codebook_size)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()
-                             if k in ("total", "lat", "dis", "seg", "rec", "res")})
+            totals["lesion_slices"] = totals.get("lesion_slices", 0.0) + float(
+                (target > 0).flatten(1).any(1).sum())
+            bar.set_postfix({k: f"{float(terms[k]):.3g}" for k in ("total", "seg", "rec")})
             bar.update()
-        bar.close()
-        record = {
-            "epoch": epoch + 1,
-            "steps": steps,
-            "seconds": round(time.perf_counter() - started, 2),
-            "slices_per_s": round(steps * config.batch_size / (time.perf_counter() - started), 2),
-            "loss": {k: v / max(steps, 1) for k, v in totals.items()},
-            "codebook_normal": _usage(hists[0].cpu()),
-            "codebook_abnormal": _usage(hists[1].cpu()),
-            "held_out": evaluate(model, val_loader, device) if val_idx else {},
-        }
-        save_checkpoint(out, model, config.preset, extra={
-            "epoch": epoch,
-            "optimizer": optimizer.state_dict(),
-            "train_config": config.to_dict() | {"weights": config.weights.to_dict()},
-            "data_fingerprint": fingerprint,
-            "held_out_patients": sorted(held_out),
-            "metrics": record,
-        })
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if log_line:
-            log_line(_summary(record))
+            out_of_time = budget is not None and (
+                time.monotonic() - started + last_eval_s >= budget)
+            if step % config.eval_every == 0 or step == config.steps or out_of_time \
+                    or stop.raised:
+                record = evaluation(totals, since, time.monotonic() - window_start)
+                last_eval_s = record["eval_s"] + 5.0
+                totals, since, window_start = {}, 0, time.monotonic()
+            if out_of_time or stop.raised:
+                break
+    bar.close()
     return {"record": record, "skipped": skipped, "train_slices": len(train_idx),
-            "held_out_slices": len(val_idx), "start_epoch": start_epoch}
+            "held_out_slices": len(val_idx), "start_step": start_step, "step": step,
+            "finished": step >= config.steps, "best_path": best_path if best_path.exists()
+            else None}
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
 
 
 def _summary(record: dict) -> str:
-    loss = record["loss"]
     held = record["held_out"]
 
-    def f(v):
+    def f(key):
+        v = held.get(key)
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
-    return (f"epoch {record['epoch']}: loss {loss.get('total', float('nan')):.4g} "
-            f"({record['slices_per_s']} slices/s); held-out SSIM rec "
-            f"{f(held.get('ssim_reconstruction'))}, pseudo-normal in/out lesion "
-            f"{f(held.get('ssim_pseudo_normal_in_lesion'))}/"
-            f"{f(held.get('ssim_pseudo_normal_outside_lesion'))}, Dice TC/ED/ET "
-            f"{f(held.get('dice_TC'))}/{f(held.get('dice_ED'))}/{f(held.get('dice_ET'))}")
+    return (f"step {record['step']} ({record['train_min']} min, {record['slices_per_s']} "
+            f"slices/s): loss {record['train_loss'].get('total', float('nan')):.4g}; held-out "
+            f"Dice whole {f('dice_whole')} (TC/ED/ET {f('dice_TC')}/{f('dice_ED')}/"
+            f"{f('dice_ET')}), SSIM rec {f('rec_ssim_brain')}, pseudo-normal SSIM out "
+            f"{f('pn_ssim_out')}, MAE in lesion {f('pn_mae_in')} (input {f('input_mae_in')}), "
+            f"abnormal top-5 lesion/clean {f('abn_lesion_at5')}/{f('abn_clean_at5')}, normal "
+            f"twin {f('normal_twin_at5')}; score {f('score')}")

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from service import cli_train
+
 app = typer.Typer(
     help="Content-based retrieval of brain MRI slices by normal and abnormal anatomy codes.",
     no_args_is_help=True,
@@ -75,50 +77,8 @@ def synth(
         typer.echo(f"preview: {write_preview(cases, preview)}")
 
 
-@app.command()
-def train(
-    data: Annotated[list[Path], typer.Option(help="Cohort folder (repeatable).")],
-    out: Annotated[Path, typer.Option(help="Checkpoint to write (atomically, every epoch).")],
-    preset: Annotated[str, typer.Option(help="Model preset: paper, small or tiny.")] = "small",
-    epochs: Annotated[int, typer.Option(help="Total epochs (counting resumed ones).")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Slices per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
-    rec_weight: Annotated[float, typer.Option(help="l3, weight of L_rec (paper: 1e4).")] = 1e4,
-    seed: Annotated[int, typer.Option(help="Seed of init, split, shuffling, augmentation.")] = 0,
-    val_fraction: Annotated[float, typer.Option(help="Fraction of patients held out.")] = 0.1,
-    max_steps: Annotated[
-        int | None, typer.Option(help="Cap on steps per epoch (quick runs).")
-    ] = None,
-    no_augment: Annotated[
-        bool, typer.Option("--no-augment", help="Turn augmentation off.")
-    ] = False,
-    resume: Annotated[bool, typer.Option(help="Continue the checkpoint at --out.")] = False,
-) -> None:
-    """Train the decomposition network; metrics go to <out>.metrics.jsonl each epoch."""
-    from model.checkpoint import CheckpointError
-    from model.config import PRESETS
-    from model.losses import LossWeights
-    from model.train import TrainConfig, TrainingError
-    from model.train import train as run_training
-
-    if preset not in PRESETS:
-        _fail(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
-    for name, value in (("--epochs", epochs), ("--batch-size", batch_size)):
-        if value < 1:
-            _fail(f"{name} must be at least 1, got {value}")
-    if not lr > 0:
-        _fail(f"--lr must be positive, got {lr}")
-    config = TrainConfig(preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         val_fraction=val_fraction, augment=not no_augment,
-                         max_steps_per_epoch=max_steps, weights=LossWeights(rec=rec_weight))
-    try:
-        result = run_training(data, out, config, resume=resume, log_line=typer.echo)
-    except (TrainingError, CheckpointError) as exc:
-        _fail(str(exc))
-    for path, problem in result["skipped"]:
-        typer.secho(f"skipped {path}: {problem}", fg=typer.colors.YELLOW)
-    typer.echo(f"checkpoint: {out} ({result['train_slices']} training slices, "
-               f"{result['held_out_slices']} held out)")
+app.command()(cli_train.train)
+bench_app.command("train")(cli_train.bench_train)
 
 
 @bench_app.command("model")

@@ -52,9 +52,10 @@ def test_every_preset_gives_the_same_code_shape(name):
     torch.manual_seed(0)
     config = preset(name)
     encoder = Encoder(config)
-    normal, abnormal = encoder(torch.rand(2, 1, 256, 256))
+    side = config.model_size  # the network's own resolution (DecompositionNet resizes to it)
+    normal, abnormal = encoder(torch.rand(2, 1, side, side))
     assert normal.shape == abnormal.shape == (2, 64, 8, 8)
-    assert encoder.trunk(torch.rand(1, 1, 256, 256)).shape == (1, config.encoder_widths[-1], 8, 8)
+    assert encoder.trunk(torch.rand(1, 1, side, side)).shape == (1, config.encoder_widths[-1], 8, 8)
     assert not torch.equal(normal, abnormal), "the two heads must be separate convolutions"
 
 

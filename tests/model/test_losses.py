@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.losses import DecompositionLoss, LossWeights
-from model.network import DecompositionOutput
+from model.config import preset
+from model.losses import DecompositionLoss, LossWeights, downsample_labels
+from model.network import DecompositionNet, DecompositionOutput
 from model.quantizer import Quantized
 
 B, D, G, S = 4, 16, 8, 32  # batch, code dim, code grid, image side (>= the 11x11 SSIM window)
@@ -315,3 +316,28 @@ def test_batch_without_lesions_is_finite_and_seg_reduces_to_cross_entropy():
     # No abnormal class present: every Dice weight is inf -> 0, so only the smoothing is left.
     ce = F.cross_entropy(out.logits, target)
     assert terms["seg"].item() == pytest.approx(ce.item(), abs=1e-5)
+
+
+def test_labels_are_downsampled_by_majority_with_ties_to_the_lesion():
+    t = torch.zeros(1, 4, 4, dtype=torch.long)
+    t[0, 0, :2] = 1  # block (0, 0): two TC, two ED -> TC (lower lesion class on a tie)
+    t[0, 1, :2] = 2
+    t[0, 2:, 2:] = 3  # block (1, 1): all ET
+    t[0, 2, 0] = 2  # block (1, 0): one ED, three background -> background
+    t[0, 0, 2:] = 3  # block (0, 1): two ET, two background -> ET (lesion wins a tie)
+    assert downsample_labels(t, 2, 4).tolist() == [[[1, 3], [0, 3]]]
+    assert downsample_labels(t, 4, 4) is t
+
+
+def test_losses_compare_at_the_outputs_resolution():
+    """A 128 x 128 network's outputs are compared with the slice brought to 128 x 128."""
+    image = torch.rand(2, 1, 256, 256)
+    target = torch.zeros(2, 256, 256, dtype=torch.long)
+    small = torch.nn.functional.avg_pool2d(image, 2)
+    torch.manual_seed(0)
+    net = DecompositionNet(preset("cpu")).train()
+    out = net(image)
+    perfect = DecompositionOutput(**{**vars(out), "reconstruction": small,
+                                     "pseudo_normal": small})
+    _, terms = DecompositionLoss(LossWeights())(perfect, image, target)
+    assert terms["rec"].item() < 1e-5 and terms["res"].item() == 0

@@ -70,7 +70,9 @@ def test_config_round_trips_through_json_and_rejects_bad_values():
     with pytest.raises(ValueError, match="ema_decay"):
         ModelConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="not divisible"):
-        ModelConfig(image_size=200)
+        ModelConfig(model_size=200)
+    with pytest.raises(ValueError, match="must divide image_size"):
+        ModelConfig(model_size=96, encoder_widths=(8, 8), decoder_widths=(8, 8, 8))
 
 
 def test_forward_returns_what_training_needs():
@@ -208,3 +210,52 @@ def test_state_dict_round_trip_gives_bit_identical_outputs():
         assert torch.equal(getattr(mine, field), getattr(theirs, field)), field
     assert torch.equal(mine.normal.indices, theirs.normal.indices)
     assert torch.equal(mine.abnormal.indices, theirs.abnormal.indices)
+
+
+def test_cpu_preset_reads_and_draws_256_through_a_128_network():
+    torch.manual_seed(0)
+    net = DecompositionNet(preset("cpu")).eval()
+    x = torch.rand(2, 1, 256, 256)
+    with torch.no_grad():
+        drawn = net.draw(x)
+        out = net.train()(x)
+    assert drawn.codes.normal.shape == drawn.codes.abnormal.shape == (2, 64, 8, 8)
+    assert net.normal_quantizer.codebook.shape == (512, 64)
+    assert drawn.reconstruction.shape == drawn.pseudo_normal.shape == (2, 1, 256, 256)
+    assert drawn.logits.shape == (2, 4, 256, 256)
+    assert out.reconstruction.shape == (2, 1, 128, 128) and out.logits.shape == (2, 4, 128, 128)
+    # The one resizing on the way in is a 2 x 2 average.
+    assert torch.allclose(net.to_model_size(x), torch.nn.functional.avg_pool2d(x, 2), atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(B, C, 256, 256\)"):
+        net.to_model_size(torch.rand(1, 1, 128, 128))
+
+
+def test_channels_last_and_bf16_keep_the_outputs():
+    """The two exact-in-intent speed-ups: channels_last is exact; bf16 autocast changes the
+    loss only at bf16 precision, and the quantizers still run in fp32."""
+    from model.losses import DecompositionLoss, LossWeights
+
+    torch.manual_seed(0)
+    net = DecompositionNet(preset("cpu")).eval()
+    x = torch.rand(2, 1, 256, 256)
+    with torch.no_grad():
+        plain = net.draw(x)
+        fast = net.to(memory_format=torch.channels_last).draw(
+            x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(plain.reconstruction, fast.reconstruction, atol=1e-5)
+    assert torch.equal(plain.codes.normal_indices, fast.codes.normal_indices)
+
+    target = torch.zeros(2, 256, 256, dtype=torch.long)
+    target[0, 100:140, 100:150] = 2
+    criterion = DecompositionLoss(LossWeights(rec=5.0))
+    net.train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(1)
+    loss32, _ = criterion(net(x), x, target)
+    net.load_state_dict(state)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = net(x)
+    loss16, _ = criterion(out16, x, target)
+    assert out16.normal.quantized.dtype == torch.float32
+    assert abs(loss16.item() - loss32.item()) < 0.02 * abs(loss32.item())

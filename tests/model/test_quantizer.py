@@ -244,3 +244,28 @@ def test_eval_before_any_training_does_not_init():
     before = vq.codebook.clone()
     vq(torch.randn(1, 4, 8, 8) + 30)
     assert torch.equal(vq.codebook, before) and not bool(vq.initialized)
+
+
+def test_update_mask_lets_only_the_selected_samples_move_the_codebook():
+    torch.manual_seed(10)
+    vq = VectorQuantizer(16, 4, dead_code_ratio=0.0).train()
+    lesion = torch.randn(1, 4, 4, 4) + 20  # the sample that may move the codebook
+    clean = torch.randn(1, 4, 4, 4) - 20  # ... and one that must not
+    z = torch.cat([lesion, clean])
+    # No selected sample: no init, no EMA step, yet the map is still quantized.
+    before = vq.codebook.clone()
+    out = vq(z, update=torch.tensor([False, False]))
+    assert torch.equal(vq.codebook, before) and not bool(vq.initialized)
+    assert out.indices.shape == (2, 4, 4)
+    # The init and the EMA see only the selected sample: every code lies near +20, none near -20.
+    for _ in range(5):
+        vq(z, update=torch.tensor([True, False]))
+    assert bool(vq.initialized)
+    assert vq.codebook.mean(1).min() > 10
+    same = VectorQuantizer(16, 4, dead_code_ratio=0.0).train()
+    same.load_state_dict(vq.state_dict())
+    vq(z, update=torch.tensor([True, False]))
+    same(lesion)  # the masked pass moves the codebook exactly as the selected sample alone
+    torch.testing.assert_close(vq.codebook, same.codebook)
+    with pytest.raises(ValueError, match=r"update mask must have shape \(2,\)"):
+        vq(z, update=torch.tensor([True]))

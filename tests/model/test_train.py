@@ -1,25 +1,34 @@
-"""Training: a tiny run lowers the loss, logs its metrics, and resumes exactly."""
+"""Training: a tiny run logs held-out figures, stops on a budget, and resumes exactly."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
 
-from model.checkpoint import read_checkpoint
+from model.checkpoint import export_checkpoint, read_checkpoint
 from model.config import preset
 from model.losses import LossWeights
 from model.network import DecompositionNet
-from model.train import TrainConfig, TrainingError, augment, split_patients, train
+from model.train import (
+    TrainConfig,
+    TrainingError,
+    augment,
+    learning_rate,
+    split_patients,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
 def cohort(synth_cohort, tmp_path_factory):
-    """Two patients with lesions: one to train on, one held out."""
+    """Three patients: one to train on, two held out (held-out retrieval excludes the query's
+    own patient, so it needs two)."""
     root = tmp_path_factory.mktemp("train_cohort")
-    for pid in ("SYN1_0000", "SYN1_0001"):
+    for pid in ("SYN1_0000", "SYN1_0001", "SYN1_0002"):
         shutil.copytree(synth_cohort / pid, root / pid)
     return root
 
@@ -29,79 +38,122 @@ def _records(out) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-def _config(epochs: int) -> TrainConfig:
-    return TrainConfig(preset="tiny", epochs=epochs, batch_size=4, lr=2e-3, seed=0,
-                       val_fraction=0.5, max_steps_per_epoch=5, weights=LossWeights(rec=5.0))
+def _config(steps: int = 8, **changes) -> TrainConfig:
+    values = dict(preset="tiny", steps=steps, batch_size=4, lr=2e-3, min_lr=1e-4,
+                  warmup_steps=2, eval_every=4, eval_slices=24, seed=0, val_fraction=0.67,
+                  weights=LossWeights(rec=5.0))
+    return TrainConfig(**(values | changes))
 
 
 @pytest.fixture(scope="module")
-def two_epochs(cohort, tmp_path_factory):
+def full_run(cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "tiny.pt"
-    result = train([cohort], out, _config(2), progress=False)
+    result = train([cohort], out, _config(), progress=False)
     return out, result
 
 
-def test_tiny_run_lowers_the_total_loss(two_epochs):
-    out, _ = two_epochs
+def test_run_evaluates_before_training_and_every_eval_every_steps(full_run):
+    out, result = full_run
     records = _records(out)
-    assert [r["epoch"] for r in records] == [1, 2]
-    assert records[1]["loss"]["total"] < records[0]["loss"]["total"]
+    assert [r["step"] for r in records] == [0, 4, 8]
+    assert result["finished"] and result["step"] == 8
+    assert records[-1]["train_loss"]["total"] < records[1]["train_loss"]["total"] * 1.5
+    assert out.with_name("tiny.pt.curves.png").stat().st_size > 10_000
 
 
-def test_metrics_log_has_every_term_and_held_out_metric(two_epochs):
-    out, result = two_epochs
+def test_metrics_log_has_every_term_and_held_out_figure(full_run):
+    out, result = full_run
     record = _records(out)[-1]
-    assert set(record["loss"]) >= {"total", "lat", "dis", "seg", "rec", "res"}
-    for book in ("codebook_normal", "codebook_abnormal"):
-        assert 1 <= record[book]["perplexity"] <= 512
-        assert 0 < record[book]["used_fraction"] <= 1
+    assert set(record["train_loss"]) >= {"total", "lat", "dis", "seg", "rec", "res",
+                                         "commit_normal", "commit_abn_lesion"}
     held = record["held_out"]
-    assert -1 <= held["ssim_reconstruction"] <= 1
-    assert held["ssim_pseudo_normal_in_lesion"] is not None
-    assert held["ssim_pseudo_normal_outside_lesion"] is not None
-    assert {"dice_TC", "dice_ED", "dice_ET"} <= set(held)
+    for key in ("rec_ssim_brain", "pn_ssim_in", "pn_ssim_out"):
+        assert -1 <= held[key] <= 1
+    for key in ("pn_mae_in", "pn_mae_out", "input_mae_in", "dice_TC", "dice_ED", "dice_ET",
+                "dice_whole", "abn_lesion_at5", "abn_clean_at5", "normal_twin_at5"):
+        assert 0 <= held[key] <= 1, key
+    assert 1 <= held["cb_normal"]["perplexity"] <= 512
+    assert 0 < held["score"] <= 7
+    assert held["slices"] == 24 < result["held_out_slices"]  # eval_slices, evenly spaced
     assert result["train_slices"] > 0 and result["held_out_slices"] > 0
 
 
-def test_checkpoint_records_what_it_was_made_from(two_epochs):
-    out, _ = two_epochs
+def test_checkpoint_records_what_it_was_made_from(full_run):
+    out, _ = full_run
     payload = read_checkpoint(out)
-    assert payload["epoch"] == 1 and payload["preset"] == "tiny"
+    assert payload["step"] == 8 and payload["preset"] == "tiny"
     assert len(payload["data_fingerprint"]) == 64
     assert payload["train_config"]["lr"] == 2e-3
-    assert len(payload["held_out_patients"]) == 1
+    assert payload["train_config"]["weights"]["rec"] == 5.0
+    assert len(payload["held_out_patients"]) == 2
+    assert payload["train_seconds"] > 0 and "CPU" in payload["hardware"]
 
 
-def test_resume_continues_exactly(cohort, two_epochs, tmp_path):
-    out, _ = two_epochs
+def test_best_checkpoint_has_the_best_held_out_score(full_run):
+    out, result = full_run
+    best = read_checkpoint(result["best_path"])
+    scores = [r["held_out"]["score"] for r in _records(out)]
+    assert best["metrics"]["held_out"]["score"] == max(scores)
+    assert "optimizer" not in best
+
+
+def test_a_run_split_by_resume_equals_an_uninterrupted_one(cohort, full_run, tmp_path):
+    out, _ = full_run
     part = tmp_path / "part.pt"
-    train([cohort], part, _config(1), progress=False)
-    result = train([cohort], part, _config(2), resume=True, progress=False)
-    assert result["start_epoch"] == 1
-    assert read_checkpoint(part)["weights_sha256"] == read_checkpoint(out)["weights_sha256"]
-    assert len(_records(part)) == 2
+    first = train([cohort], part, _config(), progress=False, minutes=1e-9)
+    assert not first["finished"] and first["step"] == 1  # the budget stops it after one step
+    train([cohort], part, _config(), progress=False, resume=True)
+    again = read_checkpoint(part)
+    assert again["step"] == 8
+    # Stopped, evaluated and resumed: the same batches, draws and schedule as in one run.
+    reference = read_checkpoint(out)
+    for name, tensor in reference["model"].items():
+        assert torch.allclose(again["model"][name].float(), tensor.float(), atol=1e-5), name
 
 
-def test_resume_refuses_another_preset(cohort, two_epochs, tmp_path):
-    out, _ = two_epochs
+def test_resume_refuses_another_recipe_or_preset(cohort, full_run, tmp_path):
+    out, _ = full_run
     copy = tmp_path / "copy.pt"
     shutil.copy(out, copy)
-    config = _config(3)
-    config.preset = "small"
+    with pytest.raises(TrainingError, match=r"other settings \(lr 0.002 -> 0.001\)"):
+        train([cohort], copy, _config(lr=1e-3), resume=True, progress=False)
     with pytest.raises(TrainingError, match="is a 'tiny' checkpoint, this run asks for 'small'"):
-        train([cohort], copy, config, resume=True, progress=False)
+        train([cohort], copy, _config(preset="small"), resume=True, progress=False)
+    exported = tmp_path / "exported.pt"
+    export_checkpoint(copy, exported)
+    with pytest.raises(TrainingError, match="no training state"):
+        train([cohort], exported, _config(), resume=True, progress=False)
 
 
-def test_existing_checkpoint_is_not_overwritten_without_resume(cohort, two_epochs):
-    out, _ = two_epochs
+def test_existing_checkpoint_is_not_overwritten_without_resume(cohort, full_run):
+    out, _ = full_run
     with pytest.raises(TrainingError, match="exists: pass --resume"):
-        train([cohort], out, _config(1), progress=False)
+        train([cohort], out, _config(), progress=False)
 
 
 def test_empty_data_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TrainingError, match="no patient with a t1ce image under"):
-        train([tmp_path / "empty"], tmp_path / "m.pt", _config(1), progress=False)
+        train([tmp_path / "empty"], tmp_path / "m.pt", _config(), progress=False)
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    config = TrainConfig(steps=1000, lr=1e-3, min_lr=5e-5, warmup_steps=100)
+    assert math.isclose(learning_rate(config, 0), 1e-4)
+    assert math.isclose(learning_rate(config, 100), 1e-3)
+    assert math.isclose(learning_rate(config, 1000), 5e-5)
+    assert math.isclose(learning_rate(config, 5000), 5e-5)
+    rates = [learning_rate(config, s) for s in range(100, 1001, 50)]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    midway = learning_rate(config, 550)
+    assert math.isclose(midway, (1e-3 + 5e-5) / 2)
+
+
+def test_train_config_round_trips():
+    config = _config(lesion_codebook=False, bf16=False)
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(TrainingError, match="unknown training settings.*colour"):
+        TrainConfig.from_dict({**config.to_dict(), "colour": "blue"})
 
 
 def test_split_is_by_patient_and_seeded():
@@ -128,8 +180,8 @@ def test_augmentation_moves_image_and_labels_together():
     assert out["image"][:, 0][~inside].mean() < 0.01
 
 
-def test_model_config_travels_in_checkpoint(two_epochs):
-    out, _ = two_epochs
+def test_model_config_travels_in_checkpoint(full_run):
+    out, _ = full_run
     payload = read_checkpoint(out)
     net = DecompositionNet(preset("tiny"))
     net.load_state_dict(payload["model"])

@@ -83,6 +83,34 @@ def test_train_names_bad_input(synth_cohort, tmp_path):
     assert "cannot resume" in result.output and "bad.pt: not a readable checkpoint" in result.output
 
 
+def test_train_resume_takes_the_recorded_recipe_and_refuses_another(synth_cohort, tmp_path):
+    out = tmp_path / "run.pt"
+    common = ["train", "--data", str(synth_cohort), "--out", str(out)]
+    result = runner.invoke(app, [*common, "--preset", "tiny", "--steps", "2", "--batch-size",
+                                 "2", "--eval-every", "1", "--eval-slices", "8",
+                                 "--val-fraction", "0.5", "--lr", "2e-3", "--minutes", "0.0001"])
+    assert result.exit_code == 0, result.output
+    assert "stopped (continue with --resume)" in result.output
+    result = runner.invoke(app, [*common, "--resume"])  # the recipe comes from the checkpoint
+    assert result.exit_code == 0, result.output
+    assert "at step 2 of 2, finished" in result.output
+    result = runner.invoke(app, [*common, "--resume", "--lr", "1e-3"])
+    assert result.exit_code == 2
+    assert "other settings (lr 0.002 -> 0.001)" in result.output
+    result = runner.invoke(app, [*common, "--preset", "tiny", "--minutes", "0"])
+    assert result.exit_code == 2 and "--minutes must be positive" in result.output
+
+
+def test_bench_train_prints_every_switch_against_the_plain_step():
+    result = runner.invoke(app, ["bench", "train", "--preset", "tiny", "--batch", "2",
+                                 "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    for variant in ("plain", "+ bf16", "+ null_shortcut", "+ separable_ssim",
+                    "+ channels_last", "all four"):
+        assert variant in result.output
+    assert "1.00x" in result.output and "slices/s" in result.output
+
+
 def test_bench_model_prints_both_throughputs():
     result = runner.invoke(app, ["bench", "model", "--preset", "tiny", "--batch", "2",
                                  "--repeats", "1"])

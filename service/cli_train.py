@@ -1,0 +1,126 @@
+"""``cbir train`` and ``cbir bench train``: training the decomposition network from the shell."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def train(
+    data: Annotated[list[Path], typer.Option(help="Cohort folder (repeatable).")],
+    out: Annotated[Path, typer.Option(help="Training checkpoint (written atomically at every "
+                                           "evaluation; <out stem>.best.pt keeps the best).")],
+    resume: Annotated[bool, typer.Option(
+        help="Continue the checkpoint at --out with its recorded recipe.")] = False,
+    minutes: Annotated[float | None, typer.Option(
+        help="Wall-clock budget of this run: evaluate, checkpoint and stop when it is spent.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: all).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Model preset (default cpu).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Planned optimizer steps; the schedule spans them (default 20000).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Slices per step (default 8).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak Adam learning rate (default 1e-3).")
+                  ] = None,
+    min_lr: Annotated[float | None, typer.Option(
+        help="Learning rate at the end of the cosine decay (default 5e-5).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(
+        help="Linear warm-up steps (default 200).")] = None,
+    eval_every: Annotated[int | None, typer.Option(
+        help="Steps between held-out evaluations and checkpoints (default 500).")] = None,
+    eval_slices: Annotated[int | None, typer.Option(
+        help="Held-out slices per evaluation, evenly spaced (default: all).")] = None,
+    rec_weight: Annotated[float | None, typer.Option(
+        help="l3, weight of L_rec (default 5, the authors' code; the paper: 1e4).")] = None,
+    seg_weight: Annotated[float | None, typer.Option(
+        help="l2, weight of L_seg (default 1, the paper).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="Seed of init, split, order, augmentation (default 0).")] = None,
+    val_fraction: Annotated[float | None, typer.Option(
+        help="Fraction of patients held out (default 0.1).")] = None,
+    augment: Annotated[bool | None, typer.Option(
+        "--augment/--no-augment", help="Flip, scale and rotate training slices.")] = None,
+    lesion_codebook: Annotated[bool | None, typer.Option(
+        "--lesion-codebook/--all-slices-codebook",
+        help="Only lesion slices move the abnormal codebook (default) or every slice.")] = None,
+    bf16: Annotated[bool | None, typer.Option(
+        "--bf16/--no-bf16", help="bf16 autocast where supported (default on).")] = None,
+    channels_last: Annotated[bool | None, typer.Option(
+        "--channels-last/--no-channels-last", help="NHWC memory format (default on).")] = None,
+) -> None:
+    """Train the decomposition network; held-out metrics go to <out>.metrics.jsonl."""
+    import torch
+
+    from model.checkpoint import CheckpointError, read_checkpoint
+    from model.config import PRESETS
+    from model.train import TrainConfig, TrainingError
+    from model.train import train as run_training
+
+    given = {k: v for k, v in {
+        "preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr,
+        "min_lr": min_lr, "warmup_steps": warmup_steps, "eval_every": eval_every,
+        "eval_slices": eval_slices, "seed": seed,
+        "val_fraction": val_fraction, "augment": augment, "lesion_codebook": lesion_codebook,
+        "bf16": bf16, "channels_last": channels_last}.items() if v is not None}
+    weights = {k: v for k, v in {"rec": rec_weight, "seg": seg_weight}.items() if v is not None}
+    if preset is not None and preset not in PRESETS:
+        _fail(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
+    for name, value in (("--steps", steps), ("--batch-size", batch_size),
+                        ("--eval-every", eval_every), ("--eval-slices", eval_slices),
+                        ("--threads", threads)):
+        if value is not None and value < 1:
+            _fail(f"{name} must be at least 1, got {value}")
+    for name, value in (("--lr", lr), ("--min-lr", min_lr), ("--minutes", minutes)):
+        if value is not None and not value > 0:
+            _fail(f"{name} must be positive, got {value}")
+    if val_fraction is not None and not 0 <= val_fraction < 1:
+        _fail(f"--val-fraction must lie in [0, 1), got {val_fraction}")
+    try:
+        base = TrainConfig()
+        if resume and out.exists():
+            try:
+                base = TrainConfig.from_dict(read_checkpoint(out).get("train_config", {}))
+            except CheckpointError as exc:
+                raise TrainingError(f"cannot resume: {exc}") from exc
+        config = dataclasses.replace(base, **given, weights=dataclasses.replace(
+            base.weights, **weights))
+        if threads is not None:
+            torch.set_num_threads(threads)
+        result = run_training(data, out, config, resume=resume, minutes=minutes,
+                              log_line=typer.echo)
+    except (TrainingError, CheckpointError) as exc:
+        _fail(str(exc))
+    for path, problem in result["skipped"]:
+        typer.secho(f"skipped {path}: {problem}", fg=typer.colors.YELLOW)
+    state = "finished" if result["finished"] else "stopped (continue with --resume)"
+    typer.echo(f"checkpoint: {out} at step {result['step']} of {config.steps}, {state}; "
+               f"{result['train_slices']} training slices, {result['held_out_slices']} held out")
+    if result["best_path"]:
+        typer.echo(f"best held-out score: {result['best_path']}")
+
+
+def bench_train(
+    preset: Annotated[list[str] | None, typer.Option(
+        help="Preset to measure (repeatable; default cpu and small).")] = None,
+    batch: Annotated[int, typer.Option(help="Slices per step.")] = 8,
+    repeats: Annotated[int, typer.Option(help="Timed steps per variant.")] = 5,
+) -> None:
+    """Training slices/s per preset and per speed-up switch, timed alternately in one run."""
+    from model.bench import train_throughput
+
+    presets = preset or ["cpu", "small"]
+    for name in presets:
+        report = train_throughput(name, batch=batch, repeats=repeats)
+        typer.echo(f"preset {name} ({report['device']}, batch {batch}, median of {repeats} "
+                   f"steps each, variants timed alternately):")
+        base = report["variants"]["plain"]
+        for variant, rate in report["variants"].items():
+            typer.echo(f"  {variant:<28} {rate:7.2f} slices/s  {rate / base:5.2f}x")
