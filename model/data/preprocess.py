@@ -11,10 +11,26 @@ The rule, exactly:
    posterior, columns run from the patient's right (left of the image) to the patient's left.
 4. Each slice is centre-padded with zeros, or centre-cropped, to 256 x 256 (240 -> 256 pads 8 on
    each side). No interpolation, so a label map goes through steps 1, 3 and 4 voxel-exactly.
-5. A 2-D image (PNG/JPEG upload) is taken to be a slice already in this domain: 8-bit values are
-   divided by 255, 16-bit by 65535; RGB becomes grey by ITU-R BT.601 luma (equal channels map to
-   that same grey). Images up to 256 pixels on each side are centre-padded like step 4; larger
-   ones are first shrunk (area average) so the longer side is 256.
+5. A 2-D image already in this domain (``slice_to_png`` writes one) is read back by
+   ``image_to_slice``: 8-bit values are divided by 255, 16-bit by 65535; RGB becomes grey by
+   ITU-R BT.601 luma (equal channels map to that same grey). Images up to 256 pixels on each side
+   are centre-padded like step 4; larger ones are first shrunk (area average) so the longer side
+   is 256 (``fit_image``).
+6. A 2-D query image from anywhere else (an uploaded PNG or JPEG: a PACS export, a screenshot)
+   carries no volume and no agreed value range (12-bit values in a 16-bit PNG, a dark 8-bit
+   export), so ``normalize_image`` treats it as a volume of one slice: its grey values (luma for
+   RGB, in the file's own units) go through rule 2 with the image's own 99.5th percentile of
+   pixels > 0, then the fit of rule 5. Any export of one slice that is a positive multiple of
+   another (any bit depth, any window that starts at 0) maps to the same slice, up to the
+   quantisation of the darker one. An image holding no pixel > 0 is refused, as a volume is.
+
+   What a single image cannot carry is its volume's scale: a slice exported from a normalised
+   volume comes back unchanged only where at least 0.5 % of its brain pixels reached the
+   volume's scale (saturated at 1); otherwise it comes back brighter by 1 / (its own 99.5th
+   percentile). In a synthetic cohort of three patients, 25 to 51 % of the slices of each
+   patient's middle half were unchanged; the others came back up to 1.7 times brighter.
+   Rule 6 serves uploads only: training and indexing read volumes (rules 1 to 4), so it is no
+   part of ``PREPROCESSING_VERSION``.
 
 A slice exported to PNG by ``slice_to_png`` and read back by ``image_to_slice`` differs from the
 original by at most half a quantisation step: 0.5/255 (8-bit) or 0.5/65535 (16-bit).
@@ -131,28 +147,40 @@ def _open_image(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def _to_unit_grey(img: Image.Image) -> np.ndarray:
-    """PIL image of any common mode -> float64 grey in [0, 1] (rule 5)."""
+def _grey(img: Image.Image) -> tuple[np.ndarray, float]:
+    """PIL image of any common mode -> float64 grey in the file's own units, and the top of its
+    range (255 or 65535). RGB becomes BT.601 luma, alpha is dropped."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L"):
-        return np.asarray(img, dtype=np.float64) / 65535.0
+        return np.asarray(img, dtype=np.float64), 65535.0
     if mode == "I":  # 16-bit grey PNGs may open as 32-bit ints
         arr = np.asarray(img, dtype=np.float64)
         if arr.min() < 0 or arr.max() > 65535:
             raise ValueError("image has integer values outside the 16-bit range")
-        return arr / 65535.0
+        return arr, 65535.0
     if mode == "F":
         raise ValueError("floating-point images are not supported: send 8- or 16-bit PNG")
     if mode in ("1", "L", "P", "LA", "PA", "RGBA", "RGB", "CMYK", "YCbCr", "La", "RGBa"):
         if mode in ("1", "P", "PA", "CMYK", "YCbCr", "La", "RGBa"):
             img = img.convert("RGBA" if "A" in mode or "a" in mode else "RGB")
-        arr = np.asarray(img, dtype=np.float64) / 255.0
+        arr = np.asarray(img, dtype=np.float64)
         if arr.ndim == 3:
             if arr.shape[2] in (2, 4):  # drop alpha
                 arr = arr[..., :-1]
             arr = arr @ _LUMA if arr.shape[2] == 3 else arr[..., 0]
-        return arr
+        return arr, 255.0
     raise ValueError(f"unsupported image mode {mode}")
+
+
+def read_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, float]:
+    """PNG or JPEG bytes (8/16-bit, grey or RGB) -> (grey float64 (H, W) in the file's own
+    units, the top of its range: 255 or 65535).
+
+    Raises ``ValueError`` naming the problem: empty, not an image, truncated, too many pixels.
+    """
+    if not data:
+        raise ValueError("empty file")
+    return _grey(_open_image(data, max_pixels))
 
 
 def fit_image(arr: np.ndarray, size: int = SLICE_SIZE) -> np.ndarray:
@@ -168,12 +196,20 @@ def fit_image(arr: np.ndarray, size: int = SLICE_SIZE) -> np.ndarray:
 
 
 def image_to_slice(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Rule 5: PNG or JPEG bytes (8/16-bit, grey or RGB) -> a (256, 256) float32 slice in [0, 1].
+    """Rule 5: PNG or JPEG bytes of a slice in this domain -> a (256, 256) float32 slice in
+    [0, 1], values divided by the top of the file's range (the inverse of ``slice_to_png``)."""
+    grey, top = read_image(data, max_pixels)
+    return np.clip(fit_image(grey / top), 0.0, 1.0).astype(np.float32)
 
-    Raises ``ValueError`` naming the problem: empty, not an image, truncated, too many pixels.
+
+def normalize_image(grey: np.ndarray) -> np.ndarray:
+    """Rule 6: a 2-D query image's grey values (any units) -> a (256, 256) float32 slice in
+    [0, 1]: rule 2 with the image as its own volume, then the fit of rule 5.
+
+    Raises ``ValueError`` when no pixel is > 0.
     """
-    if not data:
-        raise ValueError("empty file")
-    img = _open_image(data, max_pixels)
-    arr = _to_unit_grey(img)
-    return np.clip(fit_image(arr), 0.0, 1.0).astype(np.float32)
+    grey = np.asarray(grey)
+    if grey.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {grey.shape}")
+    unit = normalize_intensity(grey)  # float32, rule 2
+    return np.clip(fit_image(unit.astype(np.float64)), 0.0, 1.0).astype(np.float32)

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from indexer.build import Indexer
 from model.data.brats import find_cases, load_case
 from model.data.dataset import case_slices
-from model.data.preprocess import slice_to_png
+from model.data.preprocess import INTENSITY_PERCENTILE, slice_to_png
 from service.api.app import create_app
 from service.config import Settings
 from service.retrieval import Retrieval
@@ -55,7 +55,9 @@ def retrieval(service_index) -> Retrieval:
 @pytest.fixture(scope="session")
 def indexed_slices(synth_cohort, retrieval) -> list[IndexedSlice]:
     """Four slices with distinct codes in every space: two with a lesion, two without, from
-    different patients."""
+    different patients; each one that a 2-D export carries whole, i.e. whose own 99.5th
+    percentile is its volume's scale (preprocess rule 6: such a slice comes back unchanged from
+    a PNG or JPEG upload, where others come back brighter)."""
     cases = {c.pid: c for c in find_cases(synth_cohort).cases}
     picked: list[IndexedSlice] = []
     used_codes: set[bytes] = set()
@@ -75,6 +77,9 @@ def indexed_slices(synth_cohort, retrieval) -> list[IndexedSlice]:
                 if key in used_codes or twins[:, 0].sum() > 1 or twins[:, 1].sum() > 1:
                     continue  # another slice shares a code: "first" would be a tie
                 at = int(np.flatnonzero(stacks.slice_index == retrieval.slice_index[row])[0])
+                image = stacks.image[at]
+                if np.percentile(image[image > 0], INTENSITY_PERCENTILE) < 1.0:
+                    continue
                 found = IndexedSlice(int(retrieval.slice_ids[row]), ext,
                                      int(retrieval.slice_index[row]), stacks.image[at], want)
                 used_codes.add(key)

@@ -1,4 +1,5 @@
-"""model.data.preprocess: the one slice rule, the PNG/JPEG domain, and refused uploads."""
+"""model.data.preprocess: the one slice rule, the PNG/JPEG domain, 2-D queries (rule 6) and refused
+uploads."""
 
 from __future__ import annotations
 
@@ -232,6 +233,82 @@ def test_wide_image_keeps_aspect_and_is_padded():
     # 512 x 256 -> 256 x 128, padded 64 rows above and below.
     assert np.allclose(out[64:192], 1.0)
     assert not out[:64].any() and not out[192:].any()
+
+
+# --- rule 6: 2-D query images -----------------------------------------------------------------
+
+
+def _brain_slice(seed: int = 4) -> np.ndarray:
+    """A slice in the model's domain: zero background, a disc of tissue whose brightest 2 %
+    saturate at 1 (its own 99.5th percentile is 1, as for a volume's brightest slices)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:256, :256]
+    disc = (yy - 128) ** 2 + (xx - 128) ** 2 < 90 ** 2
+    img = np.where(disc, rng.uniform(0.2, 1.02, (256, 256)), 0.0)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def _exports(unit: np.ndarray) -> dict[str, bytes]:
+    """One slice as hospital systems export it."""
+    q8 = np.rint(unit * 255).astype(np.uint8)
+    return {
+        "8-bit": _png(q8),
+        "12-bit in 16-bit": _png(np.rint(unit * 4095).astype(np.uint16)),
+        "16-bit": _png(np.rint(unit * 65535).astype(np.uint16)),
+        "dark 8-bit": _png(np.rint(unit * 150).astype(np.uint8)),
+        "RGB 8-bit": _png(np.stack([q8] * 3, axis=-1)),
+        "JPEG": _encode(Image.fromarray(q8), "JPEG", quality=95),
+    }
+
+
+def _query(data: bytes) -> np.ndarray:
+    return P.normalize_image(P.read_image(data)[0])
+
+
+def test_every_export_of_a_slice_becomes_the_same_query():
+    unit = _brain_slice()
+    assert np.percentile(unit[unit > 0], P.INTENSITY_PERCENTILE) == 1.0
+    steps = {"8-bit": 1 / 255, "12-bit in 16-bit": 1 / 4095, "16-bit": 1 / 65535,
+             "dark 8-bit": 1 / 150, "RGB 8-bit": 1 / 255}
+    for name, data in _exports(unit).items():
+        back = _query(data)
+        assert back.shape == (256, 256) and back.dtype == np.float32, name
+        err = np.abs(back.astype(np.float64) - unit)
+        if name == "JPEG":  # lossy: close on average, never far
+            assert err.mean() <= 1 / 255 and err.max() <= 0.1, (name, err.mean(), err.max())
+        else:  # half a step of the export, and the rounding of the scale itself
+            assert err.max() <= steps[name], (name, err.max())
+
+
+def test_a_slice_below_its_volumes_scale_comes_back_brighter():
+    """What one image cannot carry (module docstring, rule 6): a slice whose own 99.5th
+    percentile is s < 1 comes back as slice / s, from any export alike."""
+    unit = _brain_slice() * 0.7
+    for name in ("8-bit", "16-bit", "dark 8-bit"):
+        back = _query(_exports(unit)[name])
+        s = np.percentile(unit[unit > 0], P.INTENSITY_PERCENTILE)
+        np.testing.assert_allclose(back, np.clip(unit / s, 0, 1), atol=1 / 150, err_msg=name)
+
+
+def test_rule_6_is_rule_2_on_the_image_then_the_fit():
+    rng = np.random.default_rng(7)
+    grey = np.where(rng.random((300, 200)) < 0.8, rng.uniform(10, 4000, (300, 200)), 0)
+    np.testing.assert_array_equal(
+        P.normalize_image(grey),
+        np.clip(P.fit_image(P.normalize_intensity(grey).astype(np.float64)), 0, 1)
+        .astype(np.float32))
+    with pytest.raises(ValueError, match="no voxel > 0"):
+        P.normalize_image(np.zeros((64, 64)))
+    with pytest.raises(ValueError, match="expected a 2-D image"):
+        P.normalize_image(np.ones((2, 8, 8)))
+
+
+def test_read_image_keeps_the_files_units():
+    arr = np.array([[0, 4095], [100, 2000]], np.uint16)
+    grey, top = P.read_image(_png(arr))
+    assert top == 65535 and grey.tolist() == [[0, 4095], [100, 2000]]
+    grey, top = P.read_image(_png(arr.astype(np.uint8)))
+    assert top == 255
 
 
 # --- refused uploads -------------------------------------------------------------------------
