@@ -35,6 +35,15 @@ PANELS = (
 )
 
 
+# The model issue's acceptance floors, drawn as dashed lines on their panels.
+FLOORS = {
+    "held-out Dice": [(0.70, "floor: whole lesion 0.70")],
+    "held-out images (SSIM in brain; pseudo-normal vs twin)": [(0.55, "floor: SSIM 0.55")],
+    "held-out retrieval (top-5, own patient excluded)": [(0.90, "floor: abnormal 0.90"),
+                                                          (0.80, "floor: twin 4 of 5")],
+}
+
+
 def _get(record: dict, path: tuple[str, ...]):
     value = record
     for key in path:
@@ -59,6 +68,8 @@ def plot_curves(records: list[dict], out: Path | str, title: str = "") -> Path:
             points = [(s, v) for s, v in points if v is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), marker=".", label=label)
+        for value, label in FLOORS.get(panel_title, []):
+            ax.axhline(value, color="grey", linestyle="--", linewidth=0.8, label=label)
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
