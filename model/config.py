@@ -42,6 +42,10 @@ class ModelConfig:
     # A code whose EMA usage falls below this fraction of the uniform share (total EMA usage / K)
     # is dead and is re-seeded from an encoder output of the current batch (training only).
     dead_code_ratio: float = 0.01
+    # Row 0 of the abnormal codebook is the zero vector, never moved: positions without
+    # abnormality are trained to it and lesion positions away from it (model/losses.py), so every
+    # lesion-free position has one and the same abnormal code. Off in the paper.
+    abnormal_null_code: bool = False
 
     def __post_init__(self) -> None:
         self.encoder_widths = tuple(self.encoder_widths)

@@ -62,14 +62,36 @@ class DecompositionLoss(torch.nn.Module):
     """
 
     def __init__(self, weights: LossWeights | None = None,
-                 ssim: Callable[[Tensor, Tensor], Tensor] = ssim_loss):
+                 ssim: Callable[[Tensor, Tensor], Tensor] = ssim_loss, null_code: bool = False):
         super().__init__()
         self.weights = weights or LossWeights()
+        self.null_code = null_code  # the abnormal codebook's row 0 is the null code (config)
         self.ssim = ssim  # 1 - SSIM; MONAI's SSIMLoss is the plain equivalent
         # eq. (4): classes are the abnormal ones only (K = 3), w_k = 1 / (sum y_k)^2; summed over
         # the whole batch so a batch with one tiny lesion still has a finite weight.
         self.dice = GeneralizedDiceLoss(include_background=False, to_onehot_y=True, softmax=True,
                                         w_type="square", batch=True)
+
+    def _null_code_terms(self, out: DecompositionOutput, mask: Tensor
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+        """L_lat and L_dis by code position, with the abnormal codebook's null code (row 0 = 0).
+
+        A position is abnormal when any lesion pixel lies in its cell of the image. Abnormal
+        positions: the usual commitment to their code, and the hinge of eq. (3) keeps them at
+        least pi from the null code. Normal positions, in every slice: commitment to the null
+        code, ||z_e+||^2, so that all of them quantize to it.
+        """
+        w = self.weights
+        z = out.abnormal_pre.float()  # (B, D, 8, 8)
+        cells = F.adaptive_max_pool2d(mask, z.shape[-2:])[:, 0] > 0  # (B, 8, 8)
+        per_element = out.abnormal.distance / z.shape[1]  # (B, 8, 8)
+        to_null = z.pow(2).sum(1)  # (B, 8, 8): squared distance to the null code
+        zero = z.sum() * 0.0
+        commit_plus = per_element[cells].mean() if cells.any() else zero
+        null_pull = (to_null[~cells] / z.shape[1]).mean() if (~cells).any() else zero
+        l_lat = w.beta * (out.normal.commitment + commit_plus + null_pull)
+        l_dis = F.relu(w.pi - to_null[cells]).mean() if cells.any() else zero
+        return l_lat, commit_plus, l_dis
 
     def _l2_ssim(self, a: Tensor, b: Tensor) -> Tensor:
         return F.mse_loss(a, b) + self.ssim(a, b)
@@ -85,15 +107,18 @@ class DecompositionLoss(torch.nn.Module):
         abnormal_slice = mask.flatten(1).any(dim=1)  # (B,)
         code_dim = out.abnormal_pre.shape[1]
 
-        # eqs. (1)-(2) with EMA codebooks: only the commitment term trains the encoder. On the
-        # abnormal path it applies to slices with abnormality; the others get L_dis instead.
         dist_plus = out.abnormal.distance  # (B, 8, 8): ||z_e+ - sg[e+]||^2 per position
-        commit_plus = (dist_plus[abnormal_slice].sum() / (dist_plus[0].numel() * code_dim)
-                       / max(int(abnormal_slice.sum()), 1))
-        l_lat = w.beta * (out.normal.commitment + commit_plus)
-        # eq. (3): push z_e+ of slices without abnormality at least pi away from the codebook.
-        hinge = F.relu(w.pi - dist_plus[~abnormal_slice])
-        l_dis = hinge.mean() if hinge.numel() else dist_plus.sum() * 0.0
+        if self.null_code:
+            l_lat, commit_plus, l_dis = self._null_code_terms(out, mask)
+        else:
+            # eqs. (1)-(2) with EMA codebooks: only the commitment term trains the encoder. On
+            # the abnormal path it applies to slices with abnormality; the others get L_dis.
+            commit_plus = (dist_plus[abnormal_slice].sum() / (dist_plus[0].numel() * code_dim)
+                           / max(int(abnormal_slice.sum()), 1))
+            l_lat = w.beta * (out.normal.commitment + commit_plus)
+            # eq. (3): push z_e+ of slices without abnormality at least pi from the codebook.
+            hinge = F.relu(w.pi - dist_plus[~abnormal_slice])
+            l_dis = hinge.mean() if hinge.numel() else dist_plus.sum() * 0.0
 
         # eqs. (4)-(6)
         l_seg = self.dice(out.logits, target.unsqueeze(1)) + F.cross_entropy(out.logits, target)

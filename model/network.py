@@ -86,7 +86,8 @@ class DecompositionNet(nn.Module):
             "dead_code_ratio": config.dead_code_ratio,
         }
         self.normal_quantizer = VectorQuantizer(**quantizer_args)
-        self.abnormal_quantizer = VectorQuantizer(**quantizer_args)
+        self.abnormal_quantizer = VectorQuantizer(**quantizer_args,
+                                                  null_code=config.abnormal_null_code)
         self.segmentation_decoder = SegmentationDecoder(config)
         self.image_decoder = ImageDecoder(config)
         self.apply(he_init)
@@ -207,10 +208,10 @@ class DecompositionNet(nn.Module):
                 null_shortcut: bool = True) -> DecompositionOutput:
         """Training pass on slices (B, 1, 256, 256); outputs at the network's size S.
 
-        ``lesion`` (B,) bool marks the slices with abnormality: in training, only they update the
-        abnormal codebook. ``None`` lets every slice update it. ``null_shortcut=False`` draws
-        x_hat- from an explicit all-zero map instead of ``SPADE._null_modulation`` (the plain
-        computation the shortcut is tested and benchmarked against).
+        ``lesion`` marks the slices (B,) or the code positions (B, 8, 8) with abnormality: in
+        training, only they update the abnormal codebook. ``None`` lets every slice update it.
+        ``null_shortcut=False`` draws x_hat- from an explicit all-zero map instead of
+        ``SPADE._null_modulation`` (the plain computation the shortcut is tested against).
         """
         normal_pre, abnormal_pre, normal, abnormal = self._quantize(x, lesion)
         logits = self.segmentation_decoder(abnormal.quantized)  # (B, 4, S, S)

@@ -58,6 +58,7 @@ class VectorQuantizer(nn.Module):
         decay: float = 0.99,
         eps: float = 1e-5,
         dead_code_ratio: float = 0.01,
+        null_code: bool = False,
     ) -> None:
         super().__init__()
         self.codebook_size = codebook_size
@@ -65,7 +66,10 @@ class VectorQuantizer(nn.Module):
         self.decay = decay
         self.eps = eps
         self.dead_code_ratio = dead_code_ratio
+        self.null_code = null_code  # row 0 is the zero vector and never moves
         codebook = torch.randn(codebook_size, code_dim)  # normal init, as the authors' code
+        if null_code:
+            codebook[0] = 0.0
         self.register_buffer("codebook", codebook)
         # Starting every code at size 1 with sum = vector keeps codebook = sum / size from the
         # first step; zero sizes would divide an unused code by eps and blow it up.
@@ -77,12 +81,13 @@ class VectorQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"codebook_size={self.codebook_size}, code_dim={self.code_dim}, decay={self.decay}, "
-            f"eps={self.eps}, dead_code_ratio={self.dead_code_ratio}"
+            f"eps={self.eps}, dead_code_ratio={self.dead_code_ratio}, null_code={self.null_code}"
         )
 
     def forward(self, z: Tensor, update: Tensor | None = None) -> Quantized:
-        """Quantize z (B, D, H, W). In training, ``update`` (B,) bool selects the samples whose
-        positions move the codebook (EMA, data init, dead-code restarts); ``None``: all."""
+        """Quantize z (B, D, H, W). In training, ``update`` selects what moves the codebook (EMA,
+        data init, dead-code restarts): samples (B,) or positions (B, H, W), bool; ``None``: all.
+        """
         if z.dim() != 4 or z.shape[1] != self.code_dim:
             raise ValueError(
                 f"expected a (B, {self.code_dim}, H, W) map to quantize, got {tuple(z.shape)}"
@@ -106,10 +111,14 @@ class VectorQuantizer(nn.Module):
                 rows = flat.detach()  # (N, D)
                 keep = None
                 if update is not None:
-                    if update.shape != (batch,):
-                        raise ValueError(f"update mask must have shape ({batch},), "
-                                         f"got {tuple(update.shape)}")
-                    keep = update.to(z.device, torch.bool).repeat_interleave(height * width)
+                    if update.shape == (batch,):
+                        keep = update.to(z.device, torch.bool).repeat_interleave(height * width)
+                    elif update.shape == (batch, height, width):
+                        keep = update.to(z.device, torch.bool).reshape(-1)
+                    else:
+                        raise ValueError(f"update mask must have shape ({batch},) or "
+                                         f"({batch}, {height}, {width}), got "
+                                         f"{tuple(update.shape)}")
                     rows = rows[keep]  # (N', D)
                 if rows.shape[0]:
                     if not bool(self.initialized):
@@ -145,6 +154,8 @@ class VectorQuantizer(nn.Module):
         if flat.shape[0] >= self.codebook_size:
             picks = torch.randperm(flat.shape[0], device=flat.device)[: self.codebook_size]
         self.codebook.copy_(flat[picks])
+        if self.null_code:
+            self.codebook[0] = 0.0
         self.cluster_size.fill_(1.0)
         self.codebook_sum.copy_(self.codebook)
         self.initialized.fill_(True)
@@ -165,12 +176,17 @@ class VectorQuantizer(nn.Module):
         # code is drawn every step (without a host sync on `any()`), kept only where dead.
         share = total / self.codebook_size
         dead = self.cluster_size < self.dead_code_ratio * share  # (K,)
+        if self.null_code:
+            dead[0] = False
         picks = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)
         samples = flat[picks]  # (K, D)
         self.codebook.copy_(torch.where(dead.unsqueeze(1), samples, self.codebook))
         # A re-seeded code restarts with the uniform share, as every code did at init.
         self.cluster_size.copy_(torch.where(dead, share, self.cluster_size))
         self.codebook_sum.copy_(torch.where(dead.unsqueeze(1), samples * share, self.codebook_sum))
+        if self.null_code:  # the EMA does not move the null code
+            self.codebook[0] = 0.0
+            self.codebook_sum[0] = 0.0
 
     def lookup(self, indices: Tensor) -> Tensor:
         """Code vectors of an index map: (B, H, W) int -> (B, D, H, W) float32."""

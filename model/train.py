@@ -10,6 +10,7 @@ returns. Every evaluation appends one JSON line to ``<out>.metrics.jsonl`` and r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -58,6 +59,9 @@ class TrainConfig:
     # Only slices with a lesion move the abnormal codebook (EMA, data init, restarts): Appendix C
     # trains the abnormal code towards its codebook only where abnormality exists.
     lesion_codebook: bool = True
+    # The abnormal code by position, with a fixed null code for lesion-free positions
+    # (ModelConfig.abnormal_null_code; model/losses.py). Off: the paper's slice-level L_dis.
+    null_code: bool = False
     bf16: bool = True  # bf16 autocast where the CPU or GPU supports it; losses, VQ in fp32
     channels_last: bool = True  # NHWC memory format (faster convolutions on the CPU)
     weights: LossWeights = field(default_factory=lambda: LossWeights(rec=5.0))
@@ -234,7 +238,8 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
     cases, skipped = _load_cases(data)
     fingerprint = data_fingerprint(
         [(c.pid, [f for f in (c.t1ce, c.seg) if f is not None]) for c in cases])
-    model_config = model_preset(config.preset)
+    model_config = dataclasses.replace(model_preset(config.preset),
+                                       abnormal_null_code=config.null_code)
     state = None
     if resume and out.exists():
         state = _resume_state(out, config, fingerprint)
@@ -269,7 +274,7 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
         optimizer.load_state_dict(state["optimizer"])
         step, train_seconds = int(state["step"]), float(state.get("train_seconds", 0.0))
         best = float(state.get("best_score", float("-inf")))
-    criterion = DecompositionLoss(config.weights)
+    criterion = DecompositionLoss(config.weights, null_code=config.null_code)
     bf16 = config.bf16 and use_bf16(device)
     metrics_path = out.with_name(out.name + ".metrics.jsonl")
     best_path = out.with_name(out.stem + ".best" + out.suffix)
@@ -337,7 +342,12 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
                 batch = augment(batch, torch.Generator().manual_seed(config.seed * 7919 + step))
             x = batch["image"].to(device).contiguous(memory_format=memory_format)
             target = batch["abnormal"].to(device)
-            lesion = (target > 0).flatten(1).any(1) if config.lesion_codebook else None
+            lesion = None
+            if config.lesion_codebook and config.null_code:  # by code position
+                cells = model_config.code_size
+                lesion = F.adaptive_max_pool2d((target > 0)[:, None].float(), cells)[:, 0] > 0
+            elif config.lesion_codebook:  # by slice
+                lesion = (target > 0).flatten(1).any(1)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
             t0 = time.monotonic()

@@ -51,6 +51,10 @@ def train(
     lesion_codebook: Annotated[bool | None, typer.Option(
         "--lesion-codebook/--all-slices-codebook",
         help="Only lesion slices move the abnormal codebook (default) or every slice.")] = None,
+    null_code: Annotated[bool | None, typer.Option(
+        "--null-code/--no-null-code",
+        help="Abnormal code by position with a fixed null code for lesion-free positions "
+             "(default off: the paper's slice-level L_dis).")] = None,
     bf16: Annotated[bool | None, typer.Option(
         "--bf16/--no-bf16", help="bf16 autocast where supported (default on).")] = None,
     channels_last: Annotated[bool | None, typer.Option(
@@ -69,6 +73,7 @@ def train(
         "min_lr": min_lr, "warmup_steps": warmup_steps, "eval_every": eval_every,
         "eval_slices": eval_slices, "seed": seed,
         "val_fraction": val_fraction, "augment": augment, "lesion_codebook": lesion_codebook,
+        "null_code": null_code,
         "bf16": bf16, "channels_last": channels_last}.items() if v is not None}
     weights = {k: v for k, v in {"rec": rec_weight, "seg": seg_weight}.items() if v is not None}
     if preset is not None and preset not in PRESETS:

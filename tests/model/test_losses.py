@@ -341,3 +341,26 @@ def test_losses_compare_at_the_outputs_resolution():
                                      "pseudo_normal": small})
     _, terms = DecompositionLoss(LossWeights())(perfect, image, target)
     assert terms["rec"].item() < 1e-5 and terms["res"].item() == 0
+
+
+def test_null_code_terms_pull_normal_positions_to_zero_and_push_lesion_positions_away():
+    import dataclasses
+
+    torch.manual_seed(0)
+    net = DecompositionNet(dataclasses.replace(preset("tiny"), abnormal_null_code=True)).train()
+    image = torch.rand(2, 1, 256, 256)
+    target = torch.zeros(2, 256, 256, dtype=torch.long)
+    target[0, :32, :32] = 2  # exactly the top-left code cell of slice 0
+    out = net(image)
+    criterion = DecompositionLoss(LossWeights(beta=1.0, pi=1e6), null_code=True)
+    _, terms = criterion(out, image, target)
+    z = out.abnormal_pre.detach()
+    normal_cells = torch.ones(2, 8, 8, dtype=torch.bool)
+    normal_cells[0, 0, 0] = False
+    expected_pull = (z.pow(2).sum(1)[normal_cells] / z.shape[1]).mean()
+    expected_commit = out.abnormal.distance[0, 0, 0] / z.shape[1]
+    expected_lat = out.normal.commitment + expected_commit + expected_pull
+    assert torch.allclose(terms["lat"], expected_lat.detach(), rtol=1e-5)
+    assert torch.allclose(terms["commit_abn_lesion"], expected_commit.detach(), rtol=1e-5)
+    expected_dis = 1e6 - z[0, :, 0, 0].pow(2).sum()  # the hinge at the one lesion cell
+    assert torch.allclose(terms["dis"], expected_dis, rtol=1e-5)

@@ -269,3 +269,19 @@ def test_update_mask_lets_only_the_selected_samples_move_the_codebook():
     torch.testing.assert_close(vq.codebook, same.codebook)
     with pytest.raises(ValueError, match=r"update mask must have shape \(2,\)"):
         vq(z, update=torch.tensor([True]))
+
+
+def test_null_code_stays_zero_through_init_ema_and_restarts():
+    torch.manual_seed(11)
+    vq = VectorQuantizer(16, 4, dead_code_ratio=0.5, null_code=True).train()
+    z = torch.randn(2, 4, 4, 4) + 5
+    positions = torch.zeros(2, 4, 4, dtype=torch.bool)
+    positions[0, :2] = True  # only these positions may move the codebook
+    for _ in range(20):
+        vq(z, update=positions)
+    assert torch.equal(vq.codebook[0], torch.zeros(4))
+    # A position at the origin quantizes to the null code; the moving codes followed the
+    # selected positions only.
+    out = vq.eval()(torch.zeros(1, 4, 1, 1))
+    assert out.indices.item() == 0
+    assert vq.codebook[1:].mean() > 3
