@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     max_volume_voxels: int = Field(512 * 512 * 512, gt=0,
                                    description="Largest NIfTI / multi-frame DICOM accepted "
                                                "(voxels, after decompression).")
+    decode_memory_mb: float = Field(
+        3072.0, gt=0, description="Memory all uploads being decoded at once may take together "
+                                  "(MB); an upload waits for its share, and one needing more "
+                                  "than all of it is refused (413).")
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1, le=MAX_K_LIMIT, description="Largest k a request may ask for.")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$",
@@ -44,3 +48,7 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def decode_memory_bytes(self) -> int:
+        return int(self.decode_memory_mb * 1024 * 1024)

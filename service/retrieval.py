@@ -32,10 +32,12 @@ from indexer.catalog import IndexBuild, Patient, Slice, active_build, decode_cod
 from indexer.layout import DIMS, LAYOUT_VERSION, SPACES, position_distances, space_vectors
 from model.checkpoint import CheckpointError, load_model
 from model.data.render import SEG_PALETTE, grey_rgb, overlay
+from service.reference import Reference
 
 log = logging.getLogger(__name__)
 
 CLASS_TO_BRATS = np.array([0, 1, 2, 4], np.uint8)  # model class -> BraTS label (TC 1, ED 2, ET 4)
+BRATS_CLASSES = {"TC": 1, "ED": 2, "ET": 4}  # necrotic tumour core, edema, enhancing tumour
 THUMBNAIL_CACHE = 64  # patients whose slice images stay decoded in memory
 
 
@@ -90,6 +92,7 @@ class Hit:
     has_abnormality: bool | None
     has_labels: bool
     position_distances: np.ndarray  # (8, 8)
+    match_percentile: float | None = None  # see service/reference.py
 
 
 def png_bytes(rgb_or_grey: np.ndarray) -> bytes:
@@ -137,6 +140,9 @@ class Retrieval:
         self._inference = threading.Semaphore(inference_workers)
         self._thumbs: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._thumbs_lock = threading.Lock()
+        self.slices_per_patient = np.bincount(
+            np.unique(slice_patient, return_inverse=True)[1]).max() if len(slice_patient) else 0
+        self.reference = Reference.measure(codebooks, codes, slice_patient)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -237,16 +243,14 @@ class Retrieval:
         with self._inference, timings.stage("encode"):
             x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
             x = x.to(self.device)
-            codes = self.model.encode(x)
-            logits = self.model.segment(codes.abnormal)  # (1, 4, 256, 256)
-            rec = self.model.decode(codes.normal, self.model.condition(logits))
-            pseudo = self.model.decode(codes.normal, None)
+            drawn = self.model.draw(x)  # codes, logits, x_hat+, x_hat-: (1, ., 256, 256)
+            codes = drawn.codes
             return Drawn(
                 codes=Codes(codes.normal_indices[0].cpu().numpy(),
                             codes.abnormal_indices[0].cpu().numpy()),
-                reconstruction=rec[0, 0].clamp(0, 1).float().cpu().numpy(),
-                pseudo_normal=pseudo[0, 0].clamp(0, 1).float().cpu().numpy(),
-                labels=CLASS_TO_BRATS[logits[0].argmax(0).cpu().numpy()],
+                reconstruction=drawn.reconstruction[0, 0].clamp(0, 1).float().cpu().numpy(),
+                pseudo_normal=drawn.pseudo_normal[0, 0].clamp(0, 1).float().cpu().numpy(),
+                labels=CLASS_TO_BRATS[drawn.logits[0].argmax(0).cpu().numpy()],
             )
 
     @torch.inference_mode()
@@ -265,19 +269,18 @@ class Retrieval:
 
     def search(self, space: str, codes: Codes, k: int, timings: Timings,
                exclude_patient: str | None = None, has_abnormality: bool | None = None,
-               exclude_patient_ids: tuple[int, ...] = ()) -> list[Hit]:
+               exclude_patient_ids: tuple[int, ...] = (), group_by_patient: bool = False,
+               ) -> list[Hit]:
         """The k nearest slices to a query's codes in ``space``, filters applied inside FAISS.
 
-        Fewer than k come back only when fewer than k slices pass the filters.
+        ``group_by_patient``: the nearest slice of each of the k nearest patients. Fewer than k
+        come back only when fewer than k slices (patients) pass the filters.
         """
         if space not in SPACES:
             raise ValueError(f"unknown space {space!r}: use one of {', '.join(SPACES)}")
         excluded = list(exclude_patient_ids)
         if exclude_patient is not None:
-            pid = self.patient_by_external.get(exclude_patient)
-            if pid is None:
-                raise NotFound(f"patient {exclude_patient!r} is not in the index")
-            excluded.append(pid)
+            excluded.append(self.patient_id(exclude_patient))
         with timings.stage("search"):
             query = space_vectors(self.codebooks, codes.normal[None], codes.abnormal[None],
                                   spaces=(space,))[space]
@@ -287,24 +290,34 @@ class Retrieval:
             if has_abnormality is not None:
                 keep &= self.slice_abnormal == int(has_abnormality)
             filtered = not keep.all()
-            k_eff = min(k, int(keep.sum()))
+            available = int(keep.sum())
+            # Grouped: each patient holds at most `slices_per_patient` of the nearest m, so the
+            # nearest k * slices_per_patient hold k distinct patients whenever k exist.
+            wanted = k * self.slices_per_patient if group_by_patient else k
+            k_eff = min(wanted, available)
             if k_eff == 0:
                 return []
-            if filtered:
+            if filtered or k_eff > 2048:
                 # The selector sees slice ids: IndexIDMap2 translates it to its internal rows.
-                selector = faiss.IDSelectorBatch(self.slice_ids[keep])
-                params = faiss.SearchParameters(sel=selector)
-                # GPU indices take no selector: filtered searches run on the CPU copy.
+                # GPU indices take no selector (and no k over 2048): those run on the CPU copy.
+                params = (faiss.SearchParameters(sel=faiss.IDSelectorBatch(self.slice_ids[keep]))
+                          if filtered else None)
                 distances, ids = self.indices[space].search(query, k_eff, params=params)
             else:
                 distances, ids = self.search_indices[space].search(query, k_eff)
+            distances, ids = distances[0], ids[0]
+            valid = ids >= 0
+            distances, ids = distances[valid], ids[valid]
+            rows = np.searchsorted(self.slice_ids, ids)
+            if group_by_patient:
+                # FAISS returns them nearest first: a patient's first row is its nearest slice.
+                _, first = np.unique(self.slice_patient[rows], return_index=True)
+                pick = np.sort(first)[:k]
+                distances, ids, rows = distances[pick], ids[pick], rows[pick]
         with timings.stage("catalogue"):
             hits = []
-            rows = np.searchsorted(self.slice_ids, ids[0])
-            for rank, (dist, sid, row) in enumerate(zip(distances[0], ids[0], rows,
-                                                        strict=True), start=1):
-                if sid < 0:
-                    break
+            for rank, (dist, sid, row) in enumerate(zip(distances, ids, rows, strict=True),
+                                                    start=1):
                 stored = self.codes[row]
                 other = space_vectors(self.codebooks, stored[0][None].astype(np.int64),
                                       stored[1][None].astype(np.int64), spaces=(space,))[space]
@@ -314,8 +327,38 @@ class Retrieval:
                                 slice_index=int(self.slice_index[row]),
                                 distance=float(dist), has_abnormality=None if flag < 0 else
                                 bool(flag), has_labels=has_labels,
-                                position_distances=position_distances(query, other)))
+                                position_distances=position_distances(query, other),
+                                match_percentile=None if self.reference is None else
+                                self.reference.match_percentile(space, float(dist))))
         return hits
+
+    def patient_id(self, external_id: str) -> int:
+        """The internal id of an indexed patient; ``NotFound`` names an unknown one."""
+        pid = self.patient_by_external.get(external_id)
+        if pid is None:
+            raise NotFound(f"patient {external_id!r} is not in the index")
+        return pid
+
+    def far_warning(self, space: str, hits: list[Hit]) -> str | None:
+        """A reader's warning when the nearest hit lies far beyond this index's typical nearest
+        neighbour (noise, another sequence or orientation, not a brain)."""
+        if not hits or self.reference is None:
+            return None
+        ratio = self.reference.far(space, hits[0].distance)
+        if ratio is None:
+            return None
+        return (f"the nearest indexed slice is {ratio:.0f}x farther than this index's typical "
+                f"nearest neighbour in the {space} space (median "
+                f"{self.reference.median(space):.4g}): the query may not be an axial T1ce brain "
+                f"slice like those indexed, so these results may mean little")
+
+    def patient_list(self) -> list[tuple[str, int, bool, int]]:
+        """Every indexed patient: external id, slices, whether labelled, slices with a lesion."""
+        counts = np.bincount(self.slice_patient, minlength=max(self.patients, default=0) + 1)
+        lesion = np.bincount(self.slice_patient, weights=self.slice_abnormal == 1,
+                             minlength=len(counts))
+        return sorted((ext, int(counts[pid]), has, int(lesion[pid]))
+                      for pid, (ext, has) in self.patients.items())
 
     def slice_codes(self, slice_id: int) -> tuple[Codes, int]:
         """An indexed slice's codes and its (internal) patient id."""
@@ -341,9 +384,7 @@ class Retrieval:
         return row, self.patients[row.patient_id][0]
 
     def patient(self, external_id: str) -> tuple[Patient, list[tuple[int, int, bool | None]]]:
-        pid = self.patient_by_external.get(external_id)
-        if pid is None:
-            raise NotFound(f"patient {external_id!r} is not in the index")
+        pid = self.patient_id(external_id)
         with Session(self.engine) as session:
             patient = session.get(Patient, pid)
             if patient is None:

@@ -1,13 +1,16 @@
-"""ASGI middleware: request body limit, and request metrics with a Server-Timing header."""
+"""ASGI middleware: request body limit, and per-request metrics, access log and Server-Timing."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api import access_log
 from service.api.metrics import Metrics
 
 
@@ -69,16 +72,33 @@ class BodyLimit:
                 await _send_json(send, 413, self._detail())
 
 
+def route_template(scope: Scope, routes: Sequence[BaseRoute], original: Scope) -> str:
+    """The template of the route a request matches (``/patients/{patient_id}``), whether or not
+    the router ran: a request refused before routing (413) or served by a plain Starlette route
+    (``/openapi.json``, the ``/static`` mounts) is labelled by it too. ``routes``: every route
+    and mount of the app, flat; ``original``: the scope as it came in (a mount rewrites it)."""
+    route = scope.get("route")
+    if getattr(route, "path", None):
+        return route.path
+    for candidate in routes:
+        match, _ = candidate.matches(original)
+        if match != Match.NONE:
+            return getattr(candidate, "path", None) or "unmatched"
+    return "unmatched"
+
+
 class RequestMetrics:
-    """Count and time every request under its route template; add a Server-Timing header.
+    """Count, time and log every request under its route template; add a Server-Timing header.
 
     Routes put their per-stage seconds in ``scope['state']['timings']``; they go to the stage
-    histograms and to ``Server-Timing`` (milliseconds), which the benchmark reads.
+    histograms and to ``Server-Timing`` (milliseconds), which the benchmark reads. It is the
+    outermost middleware, so requests other middleware refuses (413) are counted too.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,6 +107,7 @@ class RequestMetrics:
         start = time.perf_counter()
         status = 500
         scope.setdefault("state", {})
+        original = dict(scope)
 
         async def timed_send(message: Message) -> None:
             nonlocal status
@@ -103,10 +124,11 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, timed_send)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
+            seconds = time.perf_counter() - start
+            label = route_template(scope, self.routes, original)
             self.metrics.requests.labels(scope["method"], label, str(status)).inc()
-            self.metrics.latency.labels(label).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(label).observe(seconds)
             timings = scope["state"].get("timings")
             if timings:
                 self.metrics.observe_stages(timings)
+            access_log.line(scope["method"], label, status, seconds)

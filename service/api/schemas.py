@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Space = Literal["normal", "abnormal", "concat"]
+Group = Literal["slice", "patient"]
 
 _DATA_URL = "a PNG as a data: URL (data:image/png;base64,...)"
 _PNG_EXAMPLE = "data:image/png;base64,iVBORw0KGgo..."
@@ -19,12 +20,16 @@ def _example(**example) -> ConfigDict:
 
 _NEIGHBOR = {
     "rank": 1, "slice_id": 4217, "patient_id": "BraTS20_Training_001", "slice_index": 77,
-    "distance": 12.5, "has_abnormality": True, "image_url": "/slices/4217/image.png",
+    "distance": 12.5, "match_percentile": 96.5, "has_abnormality": True,
+    "image_url": "/slices/4217/image.png",
     "overlay_url": "/slices/4217/overlay.png",
     "position_distances": [[0.0] * 8] * 3 + [[0.0, 0.0, 1.5, 4.0, 2.5, 0.0, 0.0, 0.0]]
     + [[0.0, 0.0, 0.5, 3.0, 1.0, 0.0, 0.0, 0.0]] + [[0.0] * 8] * 3,
 }
-_QUERY = {"kind": "nifti", "slice": 77, "slice_count": 155, "predicted_abnormal_pixels": 1830}
+_QUERY = {"kind": "nifti", "slice": 77, "slice_count": 155, "predicted_abnormal_pixels": 1830,
+          "predicted_pixels": {"TC": 310, "ED": 1200, "ET": 320}}
+_PIXELS = ("Predicted pixels per BraTS class: TC (label 1, necrotic tumour core), ED (2, edema), "
+           "ET (4, enhancing tumour).")
 
 
 class Neighbor(BaseModel):
@@ -35,6 +40,11 @@ class Neighbor(BaseModel):
     patient_id: str = Field(description="The patient's external id, e.g. BraTS20_Training_001.")
     slice_index: int = Field(description="Axial index in the patient's RAS+ volume.")
     distance: float = Field(description="Squared L2 distance in the searched space.")
+    match_percentile: float | None = Field(
+        None, description="Share (0-100) of this index's between-patient nearest-neighbour "
+                          "distances that are at least `distance` (sampled at load): 100 for an "
+                          "exact match, about 50 for a typical best match in another patient, "
+                          "near 0 for a poor one. Null when the index holds one patient.")
     has_abnormality: bool | None = Field(
         description="Whether the slice's ground-truth labels hold a lesion; null without labels.")
     image_url: str
@@ -52,15 +62,21 @@ class QueryInfo(BaseModel):
     slice_count: int | None = Field(None, description="Axial slices in the uploaded volume.")
     predicted_abnormal_pixels: int = Field(
         description="Pixels the segmentation decoder assigns to TC, ED or ET.")
+    predicted_pixels: dict[str, int] = Field(description=_PIXELS)
 
 
 class SearchResponse(BaseModel):
-    model_config = _example(space="normal", k=1, query=_QUERY, image=_PNG_EXAMPLE,
-                            reconstruction=_PNG_EXAMPLE, pseudo_normal=_PNG_EXAMPLE,
-                            segmentation=_PNG_EXAMPLE, neighbors=[_NEIGHBOR])
+    model_config = _example(space="normal", k=1, group="patient", warnings=[], query=_QUERY,
+                            image=_PNG_EXAMPLE, reconstruction=_PNG_EXAMPLE,
+                            pseudo_normal=_PNG_EXAMPLE, segmentation=_PNG_EXAMPLE,
+                            neighbors=[_NEIGHBOR])
 
     space: Space
     k: int
+    group: Group
+    warnings: list[str] = Field(
+        description="Said in words when the results may mean little, e.g. the nearest slice "
+                    "lies many times farther than this index's typical nearest neighbour.")
     query: QueryInfo
     image: str = Field(description=f"The query slice as the model sees it, {_DATA_URL}.")
     reconstruction: str = Field(description=f"x_hat+ (both codes), {_DATA_URL}.")
@@ -70,17 +86,22 @@ class SearchResponse(BaseModel):
 
 
 class ComposeResponse(BaseModel):
-    model_config = _example(space="concat", k=1, normal_query=_QUERY | {"kind": "png",
-                                                                        "slice": None,
-                                                                        "slice_count": None},
-                            abnormal_query=_QUERY, normal_image=_PNG_EXAMPLE,
-                            abnormal_image=_PNG_EXAMPLE, composite=_PNG_EXAMPLE,
-                            segmentation=_PNG_EXAMPLE, neighbors=[_NEIGHBOR])
+    model_config = _example(space="concat", k=1, group="patient", warnings=[],
+                            normal_query=_QUERY | {"kind": "png", "slice": None,
+                                                   "slice_count": None},
+                            abnormal_query=_QUERY, composite_pixels=_QUERY["predicted_pixels"],
+                            normal_image=_PNG_EXAMPLE, abnormal_image=_PNG_EXAMPLE,
+                            composite=_PNG_EXAMPLE, segmentation=_PNG_EXAMPLE,
+                            neighbors=[_NEIGHBOR])
 
     space: Literal["concat"] = "concat"
     k: int
+    group: Group
+    warnings: list[str] = Field(description="As in SearchResponse.")
     normal_query: QueryInfo
     abnormal_query: QueryInfo
+    composite_pixels: dict[str, int] = Field(
+        description="The composite's predicted lesion (from the abnormal code): " + _PIXELS)
     normal_image: str = Field(description=f"The query giving the normal code, {_DATA_URL}.")
     abnormal_image: str = Field(description=f"The query giving the abnormal code, {_DATA_URL}.")
     composite: str = Field(description=f"The image drawn from the pair, {_DATA_URL}.")
@@ -92,6 +113,7 @@ class ComposeResponse(BaseModel):
 class SimilarResponse(BaseModel):
     space: Space
     k: int
+    group: Group
     slice_id: int
     neighbors: list[Neighbor]
 
@@ -115,6 +137,13 @@ class PatientSlice(BaseModel):
     slice_id: int
     slice_index: int
     has_abnormality: bool | None
+
+
+class PatientSummary(BaseModel):
+    patient_id: str
+    slice_count: int
+    lesion_slices: int = Field(description="Slices whose ground-truth labels hold a lesion.")
+    has_labels: bool
 
 
 class PatientInfo(BaseModel):
@@ -146,6 +175,10 @@ class IndexInfo(BaseModel):
     faiss_gpu: bool
     model_note: str | None = Field(None, description="The checkpoint's note for users, e.g. the "
                                                      "limits of an interim model.")
+    typical_distance: dict[str, float] | None = Field(
+        None, description="Median distance from an indexed slice to its nearest slice of another "
+                          "patient, per space (sampled at load); what match_percentile is read "
+                          "against. Null when the index holds one patient.")
 
 
 class Health(BaseModel):

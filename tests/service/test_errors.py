@@ -43,7 +43,11 @@ BAD_UPLOADS = [
     ("empty file", b"", 400, "empty file"),
     ("text file", b"patient notes, not an image\n" * 10, 415, "not a supported file"),
     ("truncated PNG", PNG[: len(PNG) // 2], 422, "truncated or corrupt PNG"),
-    ("20000x20000 PNG header", _png_header(20000, 20000), 413, "claims 20000x20000 pixels"),
+    ("20000x20000 PNG header", _png_header(20000, 20000), 413,
+     "claims 20000x20000 pixels, more than CBIR_MAX_IMAGE_PIXELS (16777216)"),
+    ("all-black PNG", slice_to_png(np.zeros((256, 256))), 422, "no pixel above 0 (all black)"),
+    ("1x1 PNG", slice_to_png(np.full((1, 1), 0.5)), 422, "has 1 pixel(s) above 0"),
+    ("flat grey PNG", slice_to_png(np.full((256, 256), 0.5)), 422, "is flat"),
     ("4-D NIfTI", nifti_bytes(np.stack([_volume()] * 3, -1)), 422, "4-D NIfTI"),
     ("gzip of text", gzip.compress(b"x" * 5000), 415, "does not hold a NIfTI"),
     ("all-zero NIfTI", nifti_bytes(np.zeros((8, 8, 4), np.float32)), 422, "no voxel > 0"),
@@ -82,15 +86,52 @@ def test_bad_query_parameters(client, query, words):
 def test_missing_file_field_and_unknown_patient(client):
     r = client.post("/search", files={"other": ("q.png", PNG)})
     assert r.status_code == 422 and "file" in _detail(r) and "Field required" in _detail(r)
-    r = client.post("/search?exclude_patient=NOBODY", files={"file": ("q.png", PNG)})
-    assert r.status_code == 404 and "'NOBODY' is not in the index" in _detail(r)
     r = client.post("/compose", files={"normal": ("q.png", PNG), "abnormal": ("t.txt", b"hi")})
     assert r.status_code == 415 and _detail(r).startswith("abnormal: ")
 
 
+@pytest.mark.parametrize("path", ["/search", "/compose"])
+def test_unknown_patient_is_refused_before_the_model_runs(client, path, indexed_png):
+    data = indexed_png.read_bytes()
+    files = ({"file": ("q.png", data)} if path == "/search"
+             else {"normal": ("q.png", data), "abnormal": ("q.png", data)})
+    r = client.post(f"{path}?exclude_patient=NOBODY", files=files)
+    assert r.status_code == 404 and "exclude_patient: patient 'NOBODY' is not in the index" in \
+        _detail(r)
+    assert "encode" not in r.headers.get("server-timing", "")
+    assert "decode" not in r.headers.get("server-timing", "")
+
+
+def test_two_files_in_one_field_are_refused(client, indexed_png):
+    data = indexed_png.read_bytes()
+    r = client.post("/search", files=[("file", ("a.png", data)), ("file", ("b.png", data))])
+    assert r.status_code == 422, r.text
+    assert _detail(r) == "file: 2 files were sent in this field; send exactly one"
+    r = client.post("/compose", files=[("normal", ("a.png", data)), ("abnormal", ("b.png", data)),
+                                       ("abnormal", ("c.png", data))])
+    assert r.status_code == 422 and _detail(r).startswith("abnormal: 2 files were sent")
+
+
+@pytest.mark.parametrize(("body", "headers", "words"), [
+    (b'{"file": "x"}', {"content-type": "application/json"},
+     "not multipart form data (application/json)"),
+    (b"\x89PNG raw bytes", {}, "not multipart form data (no Content-Type)"),
+    (b"file=abc", {"content-type": "application/x-www-form-urlencoded"},
+     "not multipart form data (application/x-www-form-urlencoded)"),
+    (b"garbage", {"content-type": "multipart/form-data; boundary=xyz"},
+     "not valid multipart form data"),
+    (b"garbage", {"content-type": "multipart/form-data"}, "not valid multipart form data"),
+])
+def test_a_body_that_is_not_multipart_is_a_400(client, body, headers, words):
+    r = client.post("/search", content=body, headers=headers)
+    assert r.status_code == 400, r.text
+    assert words in _detail(r) and "curl -F file=@slice.png" in _detail(r)
+
+
 def test_validation_errors_do_not_echo_the_input(client):
     secret = "SECRET-PIXELS-" * 20
-    r = client.post("/search", data={"file": secret})  # a text field where a file belongs
+    # a text field where a file belongs (and a file part, so that the body is multipart)
+    r = client.post("/search", data={"file": secret}, files={"other": ("x.png", PNG)})
     assert r.status_code == 422
     assert "SECRET" not in r.text
 
@@ -150,7 +191,7 @@ def test_dicom_tags_never_come_back(client):
     from tests.service.test_uploads import dicom_bytes
 
     img = np.zeros((64, 64), np.uint16)
-    img[10:50, 10:50] = 900
+    img[10:50, 10:50] = np.linspace(300, 900, 40, dtype=np.uint16)
     r = client.post("/search?k=2", files={"file": ("x.dcm", dicom_bytes(img))})
     assert r.status_code == 200
     assert "Secret" not in r.text and "Patient" not in r.text

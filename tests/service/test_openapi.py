@@ -72,3 +72,22 @@ def test_docs_carry_examples(app):
         assert schemas[name].get("examples"), name
     space = next(p for p in spec["paths"]["/search"]["post"]["parameters"] if p["name"] == "space")
     assert {e["value"] for e in space["examples"].values()} == {"normal", "abnormal", "concat"}
+
+
+def test_docs_and_page_work_offline(app):
+    """/, /docs and /redoc name no external host, and every asset they name is served."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as c:
+        for page in ("/", "/docs", "/redoc"):
+            html = c.get(page).text
+            assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", html, re.I), page
+            assets = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html)
+            assets += re.findall(r"""(?:url|spec-url)\s*[:=]\s*["']([^"']+)["']""", html)
+            local = [a for a in assets if a.startswith("/")]
+            assert local, page
+            for asset in local:
+                assert c.get(asset).status_code == 200, (page, asset)
+        assert "swagger-ui-bundle.js" in c.get("/docs").text

@@ -114,3 +114,35 @@ def test_info_shows_the_checkpoint_note(service_index, tiny_checkpoint, tmp_path
         with TestClient(create_app(Settings(index_dir=service_index,
                                             checkpoint=checkpoint))) as c:
             assert c.get("/info").json()["model_note"] == expected
+
+
+def test_head_answers_like_get(client):
+    for path in ("/healthz", "/readyz"):
+        get, head = client.get(path), client.head(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.headers["content-type"] == get.headers["content-type"]
+        assert head.content == b""
+
+
+def test_every_response_is_counted_under_its_route_template(service_index, indexed_png):
+    """/docs, /openapi.json and static files under their own templates, not 'unmatched'; a
+    body refused for its size (413, before any route runs) under the route it was sent to."""
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.config import Settings
+
+    with TestClient(create_app(Settings(index_dir=service_index, max_upload_mb=0.05))) as c:
+        assert c.get("/docs").status_code == 200
+        assert c.get("/openapi.json").status_code == 200
+        assert c.get("/static/style.css").status_code == 200
+        assert c.get("/slices/1/image.png").status_code in (200, 404)
+        assert c.post("/search", files={"file": ("q.png", b"\0" * 100_000)}).status_code == 413
+        assert c.get("/no/such/page").status_code == 404
+        text = c.get("/metrics").text
+    for method, route, status in (("GET", "/docs", 200), ("GET", "/openapi.json", 200),
+                                  ("GET", "/static", 200), ("POST", "/search", 413),
+                                  ("GET", "unmatched", 404)):
+        assert (f'cbir_requests_total{{method="{method}",route="{route}",status="{status}"}} 1.0'
+                in text), (method, route, status)
+    assert 'route="/slices/{slice_id}/image.png"' in text

@@ -40,6 +40,11 @@ async def readyz(request: Request):
                      slices=len(retrieval.slice_ids))
 
 
+# HEAD answers like GET (status and headers; the server sends no body), for probes that use it.
+for _path, _endpoint in (("/healthz", healthz), ("/readyz", readyz)):
+    public.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False)
+
+
 @private.get("/metrics", summary="Prometheus metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
@@ -55,4 +60,6 @@ async def info(retrieval: RetrievalDep, settings: SettingsDep) -> IndexInfo:
         checkpoint_sha256=retrieval.build.checkpoint_sha256, spaces=list(SPACES),
         default_k=min(settings.default_k, settings.max_k), max_k=settings.max_k,
         max_upload_mb=settings.max_upload_mb, auth_required=bool(settings.api_key),
-        faiss_gpu=retrieval.faiss_gpu, model_note=retrieval.model_note)
+        faiss_gpu=retrieval.faiss_gpu, model_note=retrieval.model_note,
+        typical_distance=None if retrieval.reference is None else
+        {space: retrieval.reference.median(space) for space in SPACES})

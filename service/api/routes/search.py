@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
-from typing import Annotated
+from typing import Annotated, Literal
 
+import numpy as np
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from service.api.deps import RetrievalDep, SettingsDep, SliceId
 from service.api.schemas import (
@@ -19,6 +21,7 @@ from service.api.schemas import (
 )
 from service.config import MAX_K_LIMIT, Settings
 from service.retrieval import (
+    BRATS_CLASSES,
     Codes,
     Hit,
     NotFound,
@@ -28,6 +31,7 @@ from service.retrieval import (
     overlay_png,
 )
 from service.uploads import (
+    DecoderBusy,
     EmptyUpload,
     Limits,
     QuerySlice,
@@ -59,6 +63,9 @@ ExcludeQ = Annotated[str | None, Query(
     openapi_examples={"a BraTS patient": {"value": "BraTS20_Training_001"}})]
 AbnormalQ = Annotated[bool | None, Query(description="Only slices whose labels hold a lesion "
                                                      "(true) or hold none (false).")]
+GroupQ = Annotated[Literal["slice", "patient"], Query(
+    description="slice: the k nearest slices; patient: the nearest slice of each of the k "
+                "nearest patients (k distinct patients whenever k pass the filters).")]
 
 _UPLOAD_STATUS = ((EmptyUpload, 400), (UnsupportedUpload, 415), (UploadTooLarge, 413))
 
@@ -81,11 +88,31 @@ def _data_url(png: bytes) -> str:
 def _neighbors(hits: list[Hit]) -> list[Neighbor]:
     return [Neighbor(rank=h.rank, slice_id=h.slice_id, patient_id=h.patient_id,
                      slice_index=h.slice_index, distance=h.distance,
+                     match_percentile=h.match_percentile,
                      has_abnormality=h.has_abnormality,
                      image_url=f"/slices/{h.slice_id}/image.png",
                      overlay_url=f"/slices/{h.slice_id}/overlay.png" if h.has_labels else None,
                      position_distances=h.position_distances.astype(float).round(6).tolist())
             for h in hits]
+
+
+def _known_patient(retrieval: Retrieval, external_id: str | None) -> None:
+    """Checked before any upload is read or the model runs."""
+    if external_id is not None:
+        try:
+            retrieval.patient_id(external_id)
+        except NotFound as exc:
+            raise HTTPException(404, detail=f"exclude_patient: {exc}") from None
+
+
+async def _one_file(request: Request, *fields: str) -> None:
+    """FastAPI keeps the last of repeated parts silently; a second file in a field is refused."""
+    form = await request.form()
+    for field in fields:
+        files = [v for v in form.getlist(field) if isinstance(v, StarletteUpload)]
+        if len(files) > 1:
+            raise HTTPException(422, detail=f"{field}: {len(files)} files were sent in this "
+                                            f"field; send exactly one")
 
 
 async def _read(upload: UploadFile) -> bytes:
@@ -95,20 +122,25 @@ async def _read(upload: UploadFile) -> bytes:
         await upload.close()
 
 
-def _decode(data: bytes, slice_index: int | None, settings: Settings, timings: Timings,
-            field: str) -> QuerySlice:
+def _decode(request: Request, data: bytes, slice_index: int | None, settings: Settings,
+            timings: Timings, field: str) -> QuerySlice:
     limits = Limits(max_image_pixels=settings.max_image_pixels,
                     max_volume_voxels=settings.max_volume_voxels)
     with timings.stage("decode"):
         try:
-            return decode_query(data, slice_index, limits)
+            return decode_query(data, slice_index, limits, request.app.state.decode_budget)
         except UploadError as exc:
             raise _upload_error(exc, field) from None
+        except DecoderBusy as exc:
+            raise HTTPException(503, detail=f"{field}: {exc}; try again shortly",
+                                headers={"Retry-After": "5"}) from None
 
 
-def _info(query: QuerySlice, labels) -> QueryInfo:
+def _info(query: QuerySlice, labels: np.ndarray) -> QueryInfo:
     return QueryInfo(kind=query.kind, slice=query.slice, slice_count=query.slice_count,
-                     predicted_abnormal_pixels=int((labels > 0).sum()))
+                     predicted_abnormal_pixels=int((labels > 0).sum()),
+                     predicted_pixels={name: int((labels == value).sum())
+                                       for name, value in BRATS_CLASSES.items()})
 
 
 def _search(retrieval: Retrieval, space: str, codes: Codes, k: int, timings: Timings,
@@ -119,37 +151,50 @@ def _search(retrieval: Retrieval, space: str, codes: Codes, k: int, timings: Tim
         raise HTTPException(404, detail=str(exc)) from None
 
 
+def _warnings(retrieval: Retrieval, space: str, hits: list[Hit]) -> list[str]:
+    far = retrieval.far_warning(space, hits)
+    return [far] if far else []
+
+
 @router.post("/search", response_model=SearchResponse, summary="Search by an uploaded slice",
              responses={400: {"description": "Empty file"},
                         401: {"description": "Missing or wrong API key"},
                         404: {"description": "exclude_patient names no indexed patient"},
-                        413: {"description": "Body, pixels or voxels over the limits"},
+                        413: {"description": "Body, pixels, voxels or decoding memory over the "
+                                              "limits"},
                         415: {"description": "Not a PNG, JPEG, NIfTI or DICOM file"},
-                        422: {"description": "Unreadable file, slice out of range, bad query"}})
+                        422: {"description": "Unreadable file, not a brain slice, slice out of "
+                                              "range, bad query"},
+                        503: {"description": "The decoding memory stayed full; retry"}})
 async def search(
     request: Request, retrieval: RetrievalDep, settings: SettingsDep,
     file: Annotated[UploadFile, File(description=UPLOAD_HELP)],
     space: SpaceQ = "normal", k: KQ = 10, slice: SliceQ = None,
-    exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None,
+    exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None, group: GroupQ = "slice",
 ) -> SearchResponse:
     """The k indexed slices nearest to the upload's code in `space`, with the query's
     reconstruction, pseudo-normal (lesion removed) and predicted segmentation.
 
-    Each neighbour carries an 8 x 8 map of how much each code position adds to its distance.
+    Each neighbour carries an 8 x 8 map of how much each code position adds to its distance and
+    its match percentile; `warnings` says when the query lies far from everything indexed.
     """
     _check_k(k, settings)
+    _known_patient(retrieval, exclude_patient)
+    await _one_file(request, "file")
     data = await _read(file)
     timings = Timings()
     request.state.timings = timings.seconds
 
     def work() -> SearchResponse:
-        query = _decode(data, slice, settings, timings, "file")
+        query = _decode(request, data, slice, settings, timings, "file")
         drawn = retrieval.draw(query.image, timings)
         hits = _search(retrieval, space, drawn.codes, k, timings,
-                       exclude_patient=exclude_patient, has_abnormality=has_abnormality)
+                       exclude_patient=exclude_patient, has_abnormality=has_abnormality,
+                       group_by_patient=group == "patient")
         with timings.stage("render"):
             return SearchResponse(
-                space=space, k=k, query=_info(query, drawn.labels),
+                space=space, k=k, group=group, warnings=_warnings(retrieval, space, hits),
+                query=_info(query, drawn.labels),
                 image=_data_url(grey_png(query.image)),
                 reconstruction=_data_url(grey_png(drawn.reconstruction)),
                 pseudo_normal=_data_url(grey_png(drawn.pseudo_normal)),
@@ -163,9 +208,13 @@ async def search(
              summary="Search by one slice's anatomy joined with another's lesion",
              responses={400: {"description": "Empty file"},
                         401: {"description": "Missing or wrong API key"},
-                        413: {"description": "Body, pixels or voxels over the limits"},
+                        404: {"description": "exclude_patient names no indexed patient"},
+                        413: {"description": "Body, pixels, voxels or decoding memory over the "
+                                              "limits"},
                         415: {"description": "Not a PNG, JPEG, NIfTI or DICOM file"},
-                        422: {"description": "Unreadable file, slice out of range, bad query"}})
+                        422: {"description": "Unreadable file, not a brain slice, slice out of "
+                                              "range, bad query"},
+                        503: {"description": "The decoding memory stayed full; retry"}})
 async def compose(
     request: Request, retrieval: RetrievalDep, settings: SettingsDep,
     normal: Annotated[UploadFile, File(description="Gives the normal (anatomy) code. "
@@ -173,27 +222,32 @@ async def compose(
     abnormal: Annotated[UploadFile, File(description="Gives the abnormal (lesion) code. "
                                                      + UPLOAD_HELP)],
     k: KQ = 10, normal_slice: SliceQ = None, abnormal_slice: SliceQ = None,
-    exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None,
+    exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None, group: GroupQ = "slice",
 ) -> ComposeResponse:
     """The normal code of `normal` joined with the abnormal code of `abnormal`, searched in the
-    concat space, and the image the decoder draws from that pair."""
+    concat space, and the image the decoder draws from that pair with its predicted lesion."""
     _check_k(k, settings)
+    _known_patient(retrieval, exclude_patient)
+    await _one_file(request, "normal", "abnormal")
     normal_data, abnormal_data = await _read(normal), await _read(abnormal)
     timings = Timings()
     request.state.timings = timings.seconds
 
     def work() -> ComposeResponse:
-        nq = _decode(normal_data, normal_slice, settings, timings, "normal")
-        aq = _decode(abnormal_data, abnormal_slice, settings, timings, "abnormal")
+        nq = _decode(request, normal_data, normal_slice, settings, timings, "normal")
+        aq = _decode(request, abnormal_data, abnormal_slice, settings, timings, "abnormal")
         nd = retrieval.draw(nq.image, timings)
         ad = retrieval.draw(aq.image, timings)
         pair = Codes(normal=nd.codes.normal, abnormal=ad.codes.abnormal)
         image, labels = retrieval.draw_pair(pair.normal, pair.abnormal, timings)
         hits = _search(retrieval, "concat", pair, k, timings, exclude_patient=exclude_patient,
-                       has_abnormality=has_abnormality)
+                       has_abnormality=has_abnormality, group_by_patient=group == "patient")
         with timings.stage("render"):
             return ComposeResponse(
-                k=k, normal_query=_info(nq, nd.labels), abnormal_query=_info(aq, ad.labels),
+                k=k, group=group, normal_query=_info(nq, nd.labels),
+                abnormal_query=_info(aq, ad.labels), warnings=_warnings(retrieval, "concat", hits),
+                composite_pixels={name: int((labels == value).sum())
+                                  for name, value in BRATS_CLASSES.items()},
                 normal_image=_data_url(grey_png(nq.image)),
                 abnormal_image=_data_url(grey_png(aq.image)),
                 composite=_data_url(grey_png(image)),
@@ -212,7 +266,7 @@ async def similar(
     space: SpaceQ = "normal", k: KQ = 10,
     exclude_own_patient: Annotated[bool, Query(description="Leave out the slice's own patient "
                                                            "(default true).")] = True,
-    has_abnormality: AbnormalQ = None,
+    has_abnormality: AbnormalQ = None, group: GroupQ = "slice",
 ) -> SimilarResponse:
     """The k nearest slices to an indexed slice's stored codes (no re-encoding)."""
     _check_k(k, settings)
@@ -225,7 +279,9 @@ async def similar(
         except NotFound as exc:
             raise HTTPException(404, detail=str(exc)) from None
         hits = _search(retrieval, space, codes, k, timings, has_abnormality=has_abnormality,
-                       exclude_patient_ids=(patient,) if exclude_own_patient else ())
-        return SimilarResponse(space=space, k=k, slice_id=slice_id, neighbors=_neighbors(hits))
+                       exclude_patient_ids=(patient,) if exclude_own_patient else (),
+                       group_by_patient=group == "patient")
+        return SimilarResponse(space=space, k=k, group=group, slice_id=slice_id,
+                               neighbors=_neighbors(hits))
 
     return await run_in_threadpool(work)

@@ -1,4 +1,4 @@
-"""The catalogue: GET /slices/{id}, its image and label overlay, GET /patients/{id}."""
+"""The catalogue: GET /slices/{id}, its image and label overlay; GET /patients, /patients/{id}."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RetrievalDep, SliceId
-from service.api.schemas import PatientInfo, PatientSlice, SliceInfo
+from service.api.schemas import PatientInfo, PatientSlice, PatientSummary, SliceInfo
 from service.retrieval import NotFound, Timings, grey_png, overlay_png
 
 router = APIRouter(tags=["catalogue"])
@@ -75,6 +75,15 @@ async def slice_image(retrieval: RetrievalDep, slice_id: SliceId) -> Response:
             summary="A slice's image with its ground-truth labels (TC red, ED green, ET yellow)")
 async def slice_overlay(retrieval: RetrievalDep, slice_id: SliceId) -> Response:
     return await _png(retrieval, slice_id, with_labels=True)
+
+
+@router.get("/patients", response_model=list[PatientSummary], summary="Every indexed patient",
+            responses={401: {"description": "Missing or wrong API key"}})
+async def list_patients(retrieval: RetrievalDep) -> list[PatientSummary]:
+    """For browsing the archive: each patient's id, slice count and lesion slices, by id."""
+    return [PatientSummary(patient_id=ext, slice_count=n, has_labels=labelled,
+                           lesion_slices=lesion)
+            for ext, n, labelled, lesion in retrieval.patient_list()]
 
 
 @router.get("/patients/{patient_id}", response_model=PatientInfo, summary="A patient",

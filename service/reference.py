@@ -1,0 +1,92 @@
+"""What a distance means in this index: its between-patient nearest-neighbour distances.
+
+For a sample of indexed slices, the distance in each space to the nearest slice of *another*
+patient: what a new patient's slice typically finds. A search hit's distance is then read
+against that distribution: ``match_percentile`` is the share of those nearest-neighbour
+distances that are at least as large (100 for a distance of 0, about 50 for a typical best
+match, near 0 for a worse one), and a query whose best hit is many times the median is flagged
+as lying far from everything indexed.
+
+Measured when the index is loaded, not stored at build time, and cheap because the codes are
+discrete: a squared distance is a sum over the 64 code positions of the squared distance of two
+codebook rows, so one (K, K) table per codebook turns each slice pair into 64 look-ups instead
+of a 4096- or 8192-d difference. The sample is every slice up to ``MAX_SAMPLE``, evenly spaced
+beyond; the whole index is searched for each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from indexer.layout import SPACES
+
+MAX_SAMPLE = 256
+MAX_PAIRS = 20_000_000  # sample x index size: a few seconds of look-ups at most
+FAR_FACTOR = 30.0  # a best hit this many times the median nearest-neighbour distance is "far"
+
+
+def codebook_tables(codebooks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Squared L2 distance between every two rows of each codebook: (K, K) float64."""
+    tables = {}
+    for name, book in codebooks.items():
+        b = np.asarray(book, np.float64)
+        sq = (b ** 2).sum(1)
+        tables[name] = np.maximum(sq[:, None] + sq[None, :] - 2.0 * b @ b.T, 0.0)
+    return tables
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Sorted between-patient nearest-neighbour distances per space, and how many were sampled."""
+
+    distances: dict[str, np.ndarray]
+    sampled: int
+
+    @classmethod
+    def measure(cls, codebooks: dict[str, np.ndarray], codes: np.ndarray,
+                patients: np.ndarray) -> Reference | None:
+        """``codes`` (N, 2, 8, 8): normal, abnormal code indices; ``patients`` (N,). None when the
+        index has fewer than two patients (no between-patient distance exists)."""
+        n = len(codes)
+        if n == 0 or len(np.unique(patients)) < 2:
+            return None
+        size = int(min(n, MAX_SAMPLE, max(16, MAX_PAIRS // n)))
+        rows = np.unique(np.linspace(0, n - 1, size).round().astype(np.int64))
+        tables = codebook_tables(codebooks)
+        flat = codes.reshape(n, 2, 64).astype(np.int64)
+        per_code = {}
+        for c, name in enumerate(("normal", "abnormal")):
+            table = tables[name]
+            d = np.zeros((len(rows), n), np.float64)
+            for p in range(64):
+                d += table[flat[rows, c, p][:, None], flat[None, :, c, p]]
+            per_code[name] = d
+        other = patients[rows][:, None] != patients[None, :]
+        distances = {}
+        for space in SPACES:
+            d = (per_code["normal"] + per_code["abnormal"] if space == "concat"
+                 else per_code[space])
+            nearest = np.where(other, d, np.inf).min(axis=1)
+            distances[space] = np.sort(nearest[np.isfinite(nearest)])
+        return cls(distances=distances, sampled=len(rows))
+
+    def median(self, space: str) -> float:
+        return float(np.median(self.distances[space]))
+
+    def match_percentile(self, space: str, distance: float) -> float:
+        """Share (0..100) of the sampled nearest-neighbour distances that are >= ``distance``."""
+        ref = self.distances[space]
+        # float32 FAISS distances of equal codes can differ from the float64 table by rounding
+        tolerance = 1e-6 * max(1.0, float(ref[-1]))
+        at_least = len(ref) - np.searchsorted(ref, distance - tolerance, side="left")
+        return round(100.0 * at_least / len(ref), 1)
+
+    def far(self, space: str, distance: float) -> float | None:
+        """How many times the median the distance is, when that is more than ``FAR_FACTOR``."""
+        median = self.median(space)
+        if median <= 0:
+            return None if distance <= 0 else float("inf")
+        ratio = distance / median
+        return ratio if ratio > FAR_FACTOR else None
