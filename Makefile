@@ -9,7 +9,7 @@ DEMO_INDEX ?= data/demo-index
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo test lint clean
+.PHONY: install demo check-port test lint clean
 
 install: $(VENV)/.installed
 
@@ -21,12 +21,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # A synthetic cohort, its index built with the shipped checkpoint (kept while it verifies), then
-# the service on $(HOST):$(PORT). Re-runs reuse what is there.
-demo: install
+# the service on $(HOST):$(PORT). Re-runs reuse what is there. The port is checked first, before
+# minutes of work that would end on "address already in use".
+demo: check-port install
 	$(BIN)/cbir synth --out $(DEMO_DATA) --patients 16 --seed 0 --workers 2
 	$(BIN)/cbir index verify --index $(DEMO_INDEX) >/dev/null 2>&1 || \
 		{ rm -rf $(DEMO_INDEX) && $(BIN)/cbir index build --data $(DEMO_DATA) --out $(DEMO_INDEX); }
 	$(BIN)/cbir serve --index $(DEMO_INDEX) --host $(HOST) --port $(PORT)
+
+check-port:
+	@$(PYTHON) -c 'import socket; s = socket.socket(); \
+	s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("$(HOST)", $(PORT)))' \
+	2>/dev/null || { echo "make demo: cannot serve on $(HOST):$(PORT): the port is in use (or" \
+	"the address is not this host's). Choose another with PORT=, e.g. make demo PORT=8001;" \
+	"HOST= sets the address." >&2; exit 1; }
 
 lint: install
 	$(BIN)/ruff check .

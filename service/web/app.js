@@ -1,8 +1,14 @@
-// The retrieval page: plain ES module, no build step, no third-party code.
-// Every request goes through `request()`, which adds the API key (X-API-Key) when one is set
-// and turns any non-2xx answer into an ApiError carrying the server's `detail`.
+// The retrieval page: plain ES modules, no build step, no third-party code. This one holds
+// the page's state, search and compose, and wires everything; api.js the requests, grid.js the
+// neighbour grid, panels.js the image panels, archive.js the archive browser, dom.js helpers.
 
-const KEY_STORAGE = 'cbir-api-key';
+import {
+  ApiError, KEY_STORAGE, apiKey, failureText, fetchObjectURL, request, requestJSON,
+} from './api.js';
+import { Archive } from './archive.js';
+import { $, $$, el, formatBytes } from './dom.js';
+import { NeighborGrid } from './grid.js';
+import { figure, lesionFigure, showWarnings } from './panels.js';
 const SLIDER_DEBOUNCE_MS = 250;
 const SPACE_HELP = {
   normal: 'Same anatomy regardless of lesion: compares the normal codes only.',
@@ -13,9 +19,6 @@ const KIND_LABEL = {
   png: 'PNG', jpeg: 'JPEG', nifti: 'NIfTI volume', dicom: 'DICOM', indexed: 'indexed slice',
 };
 
-const $ = (selector, root = document) => root.querySelector(selector);
-const $$ = (selector, root = document) => [...root.querySelectorAll(selector)];
-
 const state = {
   info: null,
   search: { file: null, slice: null, source: 'upload', similarOf: null },
@@ -23,66 +26,6 @@ const state = {
 };
 
 // ---------------------------------------------------------------- requests and errors
-
-class ApiError extends Error {
-  constructor(status, message) {
-    super(message);
-    this.status = status;
-  }
-}
-
-function apiKey() {
-  return sessionStorage.getItem(KEY_STORAGE) || '';
-}
-
-function authHeaders() {
-  const key = apiKey();
-  return key ? { 'X-API-Key': key } : {};
-}
-
-// FastAPI's `detail` is a string, or for 422 a list of {loc, msg, ...}.
-function describeDetail(body, fallback) {
-  const detail = body?.detail;
-  if (typeof detail === 'string' && detail.trim()) return detail;
-  if (Array.isArray(detail) && detail.length) {
-    return detail.map((item) => {
-      if (typeof item !== 'object' || item === null) return String(item);
-      const loc = Array.isArray(item.loc) ? item.loc : [];
-      const where = (['body', 'query', 'path', 'header'].includes(loc[0]) ? loc.slice(1) : loc)
-        .join('.');
-      const msg = item.msg ?? JSON.stringify(item);
-      return where ? `${where}: ${msg}` : msg;
-    }).join('; ');
-  }
-  if (detail !== undefined && detail !== null) return JSON.stringify(detail);
-  return fallback;
-}
-
-async function request(method, path, { body, signal } = {}) {
-  let response;
-  try {
-    response = await fetch(path, { method, body, signal, headers: authHeaders() });
-  } catch (err) {
-    if (err.name === 'AbortError') throw err;
-    throw new ApiError(0, `could not reach the server (${err.message})`);
-  }
-  if (!response.ok) {
-    const fallback = `${response.status} ${response.statusText}`.trim();
-    const text = await response.text().catch(() => '');
-    let message;
-    try {
-      message = describeDetail(JSON.parse(text), fallback);
-    } catch {
-      message = text.trim() ? text.trim().slice(0, 300) : fallback;
-    }
-    throw new ApiError(response.status, message);
-  }
-  return response;
-}
-
-async function requestJSON(method, path, options) {
-  return (await request(method, path, options)).json();
-}
 
 function showError(message) {
   $('#error-message').textContent = message;
@@ -92,14 +35,6 @@ function showError(message) {
 function clearError() {
   $('#error').hidden = true;
   $('#error-message').textContent = '';
-}
-
-function failureText(label, err) {
-  if (err instanceof ApiError) {
-    return err.status ? `${label} failed (HTTP ${err.status}): ${err.message}`
-      : `${label} failed: ${err.message}`;
-  }
-  return `${label} failed: ${err?.message ?? err}`;
 }
 
 // ---------------------------------------------------------------- busy state
@@ -139,29 +74,6 @@ async function run(view, label, task) {
 
 // ---------------------------------------------------------------- small helpers
 
-function formatDistance(d) {
-  return Number(d).toPrecision(3);
-}
-
-function formatBytes(n) {
-  if (n < 1024) return `${n} B`;
-  if (n < 1024 * 1024) return `${(n / 1024).toFixed(0)} kB`;
-  return `${(n / 1024 / 1024).toFixed(1)} MB`;
-}
-
-function el(tag, props = {}, children = []) {
-  const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(props)) {
-    if (value === undefined || value === null) continue;
-    if (name === 'text') node.textContent = value;
-    else if (name === 'className') node.className = value;
-    else if (name === 'dataset') Object.assign(node.dataset, value);
-    else node.setAttribute(name, value);
-  }
-  node.append(...children);
-  return node;
-}
-
 function readK(selector) {
   const input = $(selector);
   const max = state.info?.max_k ?? Number(input.max);
@@ -181,11 +93,6 @@ function fitsUploadLimit(file) {
     return false;
   }
   return true;
-}
-
-async function fetchObjectURL(url, signal) {
-  const blob = await (await request('GET', url, { signal })).blob();
-  return URL.createObjectURL(blob);
 }
 
 // ---------------------------------------------------------------- index info and API key
@@ -233,6 +140,7 @@ async function loadInfo() {
     $('#compose-fieldset').disabled = false;
     clearError();
     document.body.dataset.state = 'ready';
+    archiveReady?.();
   } catch (err) {
     if (err instanceof ApiError && err.status === 401) {
       const hadKey = Boolean(apiKey());
@@ -249,12 +157,6 @@ async function loadInfo() {
 
 // ---------------------------------------------------------------- image panels
 
-function figure(src, role, caption, alt, { id, title } = {}) {
-  const img = el('img', { src, alt, id, dataset: { role }, decoding: 'async' });
-  const figcaption = el('figcaption', { text: caption });
-  return el('figure', { className: 'panel-figure', title }, [img, figcaption]);
-}
-
 const queryObjectURLs = [];
 
 function revokeQueryURLs() {
@@ -263,169 +165,8 @@ function revokeQueryURLs() {
 
 // ---------------------------------------------------------------- neighbour grid
 
-function drawPositionMap(canvas, map) {
-  const ctx = canvas.getContext('2d');
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  const rows = map.length;
-  const cols = rows ? map[0].length : 0;
-  const max = Math.max(0, ...map.flat());
-  if (!rows || !cols || !(max > 0)) return;
-  const cw = canvas.width / cols;
-  const ch = canvas.height / rows;
-  for (let r = 0; r < rows; r += 1) {
-    for (let c = 0; c < cols; c += 1) {
-      const share = Math.max(0, map[r][c]) / max;
-      ctx.fillStyle = `rgba(255, 110, 40, ${(0.8 * share).toFixed(3)})`;
-      ctx.fillRect(c * cw, r * ch, cw, ch);
-    }
-  }
-  ctx.strokeStyle = 'rgba(255, 255, 255, 0.12)';
-  ctx.lineWidth = 1;
-  for (let i = 1; i < cols; i += 1) ctx.strokeRect(i * cw, 0, 0, canvas.height);
-  for (let i = 1; i < rows; i += 1) ctx.strokeRect(0, i * ch, canvas.width, 0);
-}
-
-function badgeFor(hasAbnormality) {
-  if (hasAbnormality === true) return ['lesion', 'badge lesion'];
-  if (hasAbnormality === false) return ['no lesion', 'badge clear'];
-  return ['unlabelled', 'badge unknown'];
-}
-
-class NeighborGrid {
-  constructor(container, countNode) {
-    this.container = container;
-    this.countNode = countNode;
-    this.objectURLs = [];
-    this.controller = new AbortController();
-    this.cards = [];
-  }
-
-  clear() {
-    this.controller.abort();
-    this.controller = new AbortController();
-    while (this.objectURLs.length) URL.revokeObjectURL(this.objectURLs.pop());
-    this.cards = [];
-    this.container.replaceChildren();
-    this.countNode.textContent = '';
-  }
-
-  render(neighbors) {
-    this.clear();
-    this.countNode.textContent = `(${neighbors.length})`;
-    if (!neighbors.length) {
-      this.container.append(el('p', {
-        className: 'empty', text: 'No slice matched (check the filters).',
-      }));
-      return;
-    }
-    const template = $('#neighbor-template');
-    for (const neighbor of neighbors) {
-      const card = template.content.firstElementChild.cloneNode(true);
-      this.fill(card, neighbor);
-      this.container.append(card);
-      this.cards.push({ card, neighbor, overlayRequested: false });
-    }
-    for (const entry of this.cards) this.loadImage(entry);
-    if (document.body.classList.contains('show-overlays')) this.loadAllOverlays();
-  }
-
-  fill(card, n) {
-    const where = `patient ${n.patient_id}, slice ${n.slice_index}`;
-    card.dataset.sliceId = String(n.slice_id);
-    card.dataset.rank = String(n.rank);
-    card.setAttribute('aria-label', `Neighbour ${n.rank}: ${where}`);
-    $('.rank', card).textContent = String(n.rank);
-    $('.neighbor-image', card).alt = `Neighbour ${n.rank}: ${where}`;
-    $('.label-overlay', card).alt = `Ground-truth labels of ${where}`;
-    const distance = $('.distance', card);
-    distance.textContent = formatDistance(n.distance);
-    distance.title = `squared L2 distance ${n.distance}`;
-    $('.patient', card).textContent = n.patient_id;
-    $('.patient', card).title = n.patient_id;
-    $('.slice', card).textContent = String(n.slice_index);
-    const [badgeText, badgeClass] = badgeFor(n.has_abnormality);
-    const badge = $('.badge', card);
-    badge.textContent = badgeText;
-    badge.className = badgeClass;
-
-    const canvas = $('.position-map', card);
-    drawPositionMap(canvas, n.position_distances);
-    canvas.setAttribute('role', 'img');
-    canvas.setAttribute('aria-label', `Per-position distance map of neighbour ${n.rank}`);
-    this.wireReadout(card, n);
-
-    const overlayButton = $('.overlay-button', card);
-    if (n.overlay_url) {
-      overlayButton.addEventListener('click', () => {
-        const on = card.classList.toggle('show-overlay');
-        overlayButton.setAttribute('aria-pressed', String(on));
-        if (on) this.loadOverlay(this.cards.find((entry) => entry.card === card));
-      });
-    } else {
-      overlayButton.hidden = true;
-    }
-    $('.similar-button', card).addEventListener('click', () => runSimilar(n));
-    $('.similar-button', card).title = `Search the index with ${where}`;
-  }
-
-  // The hovered code position's share of the distance, for reading the map cell by cell.
-  wireReadout(card, n) {
-    const thumb = $('.thumb', card);
-    const readout = $('.cell-readout', card);
-    const rows = n.position_distances.length;
-    const cols = rows ? n.position_distances[0].length : 0;
-    thumb.addEventListener('mousemove', (event) => {
-      if (!rows || !cols) return;
-      const box = thumb.getBoundingClientRect();
-      const r = Math.min(rows - 1, Math.floor(((event.clientY - box.top) / box.height) * rows));
-      const c = Math.min(cols - 1, Math.floor(((event.clientX - box.left) / box.width) * cols));
-      if (r < 0 || c < 0) return;
-      const value = n.position_distances[r][c];
-      const pct = n.distance > 0 ? ` (${((100 * value) / n.distance).toFixed(1)}%)` : '';
-      readout.textContent = `position (${r}, ${c}): ${formatDistance(value)}${pct}`;
-    });
-    thumb.addEventListener('mouseleave', () => { readout.textContent = ''; });
-  }
-
-  async loadInto(img, url, entry) {
-    const { signal } = this.controller;
-    try {
-      const objectURL = await fetchObjectURL(url, signal);
-      if (signal.aborted) {
-        URL.revokeObjectURL(objectURL);
-        return;
-      }
-      this.objectURLs.push(objectURL);
-      img.src = objectURL;
-      img.hidden = false;
-    } catch (err) {
-      if (signal.aborted || err?.name === 'AbortError') return;
-      const status = $('.thumb-status', entry.card);
-      status.textContent = `image failed: ${err.message}`;
-      entry.card.classList.add('image-failed');
-      if (err instanceof ApiError && err.status === 401) {
-        showError(failureText('Loading a neighbour image', err));
-        showAuth();
-      }
-    }
-  }
-
-  loadImage(entry) {
-    return this.loadInto($('.neighbor-image', entry.card), entry.neighbor.image_url, entry);
-  }
-
-  loadOverlay(entry) {
-    if (!entry || entry.overlayRequested || !entry.neighbor.overlay_url) return;
-    entry.overlayRequested = true;
-    this.loadInto($('.label-overlay', entry.card), entry.neighbor.overlay_url, entry);
-  }
-
-  loadAllOverlays() {
-    for (const entry of this.cards) this.loadOverlay(entry);
-  }
-}
-
 const grids = {};
+let archiveReady = null; // loads the archive's patient list once the index info is in
 
 // ---------------------------------------------------------------- search
 
@@ -469,10 +210,10 @@ function renderSearch(data, file) {
     figure(data.pseudo_normal, 'pseudo_normal', 'Pseudo-normal x̂⁻',
       'Pseudo-normal slice: the query with its lesion removed',
       { title: 'Decoded from the normal code alone: what the normal space searches with' }),
-    figure(data.segmentation, 'segmentation', 'Predicted lesion',
-      'Predicted lesion segmentation over the query',
-      { title: 'The segmentation decoder\'s lesion classes over the query' }),
+    lesionFigure(data.segmentation, 'segmentation', 'Predicted lesion',
+      'Predicted lesion segmentation over the query', q.predicted_pixels),
   );
+  showWarnings($('#search-warnings'), data.warnings);
 
   setSlider(q, $('#slice-slider'), $('#slice-control'), $('#slice-value'));
   grids.search.render(data.neighbors);
@@ -487,6 +228,7 @@ function searchParams(k) {
   if (exclude) params.set('exclude_patient', exclude);
   const hasAbnormality = $('#has-abnormality').value;
   if (hasAbnormality) params.set('has_abnormality', hasAbnormality);
+  if ($('#group-patient').checked) params.set('group', 'patient');
   return params;
 }
 
@@ -513,6 +255,8 @@ function renderSimilar(data, of) {
   revokeQueryURLs();
   const where = `patient ${of.patient_id}, slice ${of.slice_index}`;
   $('#search-title').textContent = `More like ${where} (other patients)`;
+  $('#file-name').textContent = `Query: indexed slice, ${where}`;
+  showWarnings($('#search-warnings'), []);
   $('#query-info').replaceChildren(
     el('span', { text: `indexed slice ${data.slice_id}` }), ' · ',
     el('span', { text: `space ${data.space}, k ${data.k}` }),
@@ -546,6 +290,7 @@ async function runSimilar(neighbor) {
   const params = new URLSearchParams({ space: $('#space').value, k: String(k) });
   const hasAbnormality = $('#has-abnormality').value;
   if (hasAbnormality) params.set('has_abnormality', hasAbnormality);
+  if ($('#group-patient').checked) params.set('group', 'patient');
   await run('search', 'More like this', async (signal) => {
     const data = await requestJSON('POST', `/slices/${neighbor.slice_id}/similar?${params}`,
       { signal });
@@ -609,9 +354,10 @@ function renderCompose(data) {
       `Lesion source: ${abnormal.file.name}`),
     figure(data.composite, 'composite', 'Composite',
       'Composite: the first slice\'s anatomy with the second slice\'s lesion', { id: 'composite' }),
-    figure(data.segmentation, 'segmentation', 'Lesion over composite',
-      'The lesion of the abnormal code over the composite'),
+    lesionFigure(data.segmentation, 'segmentation', 'Predicted lesion over the composite',
+      'The lesion predicted from the abnormal code, over the composite', data.composite_pixels),
   );
+  showWarnings($('#compose-warnings'), data.warnings);
 
   setSlider(data.normal_query, $('#compose-normal-slider'),
     $('#compose-normal-slice-control'), $('#compose-normal-slice-value'));
@@ -631,6 +377,11 @@ async function runCompose() {
   const k = readK('#compose-k');
   if (k === null || !fitsUploadLimit(normal.file) || !fitsUploadLimit(abnormal.file)) return;
   const params = new URLSearchParams({ k: String(k) });
+  const exclude = $('#compose-exclude-patient').value.trim();
+  if (exclude) params.set('exclude_patient', exclude);
+  const hasAbnormality = $('#compose-has-abnormality').value;
+  if (hasAbnormality) params.set('has_abnormality', hasAbnormality);
+  if ($('#compose-group-patient').checked) params.set('group', 'patient');
   if (normal.slice !== null) params.set('normal_slice', String(normal.slice));
   if (abnormal.slice !== null) params.set('abnormal_slice', String(abnormal.slice));
   await run('compose', 'Compose', async (signal) => {
@@ -726,8 +477,34 @@ function wireToggles(selector, bodyClass, onEnable) {
 }
 
 function init() {
-  grids.search = new NeighborGrid($('#neighbors'), $('#search-count'));
-  grids.compose = new NeighborGrid($('#compose-neighbors'), $('#compose-count'));
+  const gridEvents = {
+    onSimilar: (neighbor) => runSimilar(neighbor),
+    onError: (text, err) => {
+      showError(text);
+      if (err instanceof ApiError && err.status === 401) showAuth();
+    },
+  };
+  grids.search = new NeighborGrid($('#neighbors'), $('#search-count'), $('#search-map-legend'),
+    gridEvents);
+  grids.compose = new NeighborGrid($('#compose-neighbors'), $('#compose-count'),
+    $('#compose-map-legend'), gridEvents);
+  for (const node of $$('.overlay-legend')) {
+    node.append($('#lesion-legend-template').content.cloneNode(true));
+  }
+  const archive = new Archive($('#archive'), {
+    request,
+    onPick: (slice) => runSimilar(slice),
+  });
+  archiveReady = () => archive.load().catch((err) => showError(failureText('The archive', err)));
+  $('#try-example').addEventListener('click', async () => {
+    try {
+      $('#archive').open = true;
+      const slice = await archive.example();
+      if (slice) await runSimilar(slice);
+    } catch (err) {
+      showError(failureText('The example', err));
+    }
+  });
 
   // A file dropped beside a drop zone must not make the browser navigate to it.
   window.addEventListener('dragover', (event) => event.preventDefault());
@@ -768,6 +545,7 @@ function init() {
     rerunSearchView();
   });
   $('#has-abnormality').addEventListener('change', rerunSearchView);
+  $('#group-patient').addEventListener('change', rerunSearchView);
   $('#search-form').addEventListener('submit', (event) => {
     event.preventDefault();
     state.search.source = 'upload';

@@ -185,3 +185,128 @@ def test_dicom_upload_is_read_from_pixel_data(client, indexed_slices):
     assert r.status_code == 200, r.text
     assert r.json()["query"]["kind"] == "dicom"
     assert len(r.json()["neighbors"]) == 3
+
+
+def _exports(image: np.ndarray) -> dict[str, bytes]:
+    """One indexed slice as hospital systems export it."""
+    def png(array):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return buf.getvalue()
+
+    q8 = np.rint(image * 255).astype(np.uint8)
+    jpeg = io.BytesIO()
+    Image.fromarray(q8).save(jpeg, format="JPEG", quality=95)
+    return {"8-bit": png(q8), "12-bit in 16-bit": png(np.rint(image * 4095).astype(np.uint16)),
+            "16-bit": png(np.rint(image * 65535).astype(np.uint16)),
+            "dark 8-bit": png(np.rint(image * 150).astype(np.uint8)), "JPEG": jpeg.getvalue()}
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_every_export_of_an_indexed_slice_retrieves_it_first(client, indexed_slices, space):
+    """Preprocess rule 6: whatever the bit depth or window, an export becomes the indexed slice
+    again (within quantisation), so it encodes to the stored codes and comes back first. On the
+    deep exports the codes are exactly the stored ones (distance 0)."""
+    for s in indexed_slices[:2]:
+        for name, data in _exports(s.image).items():
+            r = _post_search(client, data, space=space, k=2)
+            assert r.status_code == 200, (name, r.text)
+            first = r.json()["neighbors"][0]
+            assert first["slice_id"] == s.slice_id, (name, space, first)
+            if name in ("16-bit", "12-bit in 16-bit"):
+                assert first["distance"] == 0.0 and first["match_percentile"] == 100.0, name
+            assert not r.json()["warnings"], name
+
+
+def _best_per_patient(ids: np.ndarray, d: np.ndarray, retrieval) -> dict[str, float]:
+    """Each patient's smallest distance, in the order of those distances."""
+    best: dict[str, float] = {}
+    for sid, dist in zip(ids, d, strict=True):
+        pid = int(retrieval.slice_patient[np.searchsorted(retrieval.slice_ids, sid)])
+        best.setdefault(retrieval.patients[pid][0], float(dist))
+    return best
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_group_by_patient_gives_the_best_slice_of_k_distinct_patients(client, retrieval,
+                                                                      indexed_slices, space):
+    s = indexed_slices[0]
+    data = slice_to_png(s.image, bits=16)
+    plain = _post_search(client, data, space=space, k=3).json()["neighbors"]
+    assert len({h["patient_id"] for h in plain}) < 3, "the plain top 3 should repeat a patient"
+    r = _post_search(client, data, space=space, k=3, group="patient")
+    assert r.status_code == 200 and r.json()["group"] == "patient"
+    hits = r.json()["neighbors"]
+    assert len({h["patient_id"] for h in hits}) == 3
+    row = np.searchsorted(retrieval.slice_ids, s.slice_id)
+    query = space_vectors(retrieval.codebooks, retrieval.codes[row, 0][None].astype(np.int64),
+                          retrieval.codes[row, 1][None].astype(np.int64), spaces=(space,))[space]
+    best = _best_per_patient(*_brute_force(retrieval, space, query[0]), retrieval)
+    assert [h["patient_id"] for h in hits] == list(best)[:3]
+    np.testing.assert_allclose([h["distance"] for h in hits], list(best.values())[:3],
+                               rtol=1e-4, atol=1e-3)
+    # More patients asked for than pass the filter: all that pass, one slice each.
+    r = _post_search(client, data, space=space, k=10, group="patient",
+                     exclude_patient=s.patient_id)
+    assert len(r.json()["neighbors"]) == len(retrieval.patients) - 1
+
+
+def test_similar_and_compose_group_by_patient(client, retrieval, indexed_slices, indexed_png):
+    s = indexed_slices[0]
+    hits = client.post(f"/slices/{s.slice_id}/similar?k=5&group=patient").json()["neighbors"]
+    patients = [h["patient_id"] for h in hits]
+    assert len(patients) == len(set(patients)) == len(retrieval.patients) - 1
+    assert s.patient_id not in patients
+    data = indexed_png.read_bytes()
+    r = client.post("/compose?k=3&group=patient&has_abnormality=true",
+                    files={"normal": ("a.png", data), "abnormal": ("b.png", data)})
+    assert r.status_code == 200, r.text
+    hits = r.json()["neighbors"]
+    assert len({h["patient_id"] for h in hits}) == len(hits) and hits
+    assert all(h["has_abnormality"] for h in hits)
+    assert set(r.json()["composite_pixels"]) == {"TC", "ED", "ET"}
+
+
+def test_match_percentile_reads_a_distance_against_the_index(client, retrieval, indexed_png):
+    ref = retrieval.reference
+    info = client.get("/info").json()
+    assert info["typical_distance"] == {s: pytest.approx(ref.median(s)) for s in SPACES}
+    hits = _post_search(client, indexed_png.read_bytes(), space="concat", k=8).json()["neighbors"]
+    assert hits[0]["match_percentile"] == 100.0
+    tolerance = 1e-6 * max(1.0, float(ref.distances["concat"][-1]))
+    for h in hits:
+        share = (ref.distances["concat"] >= h["distance"] - tolerance).mean() * 100
+        assert h["match_percentile"] == pytest.approx(share, abs=0.1)
+    assert [h["match_percentile"] for h in hits] == sorted(
+        (h["match_percentile"] for h in hits), reverse=True)
+
+
+def test_a_query_far_from_everything_indexed_gets_a_warning(client, retrieval, monkeypatch):
+    """The nearest hit over FAR_FACTOR times the median between-patient nearest-neighbour
+    distance: 200 with a warning saying so; the same query under the factor: no warning."""
+    from service import reference
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(1, 255, (256, 256), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    r = _post_search(client, buf.getvalue(), space="normal", k=1)
+    assert r.status_code == 200
+    ratio = r.json()["neighbors"][0]["distance"] / retrieval.reference.median("normal")
+    monkeypatch.setattr(reference, "FAR_FACTOR", ratio * 0.9)
+    r = _post_search(client, buf.getvalue(), space="normal", k=1)
+    (warning,) = r.json()["warnings"]
+    assert f"{ratio:.0f}x farther than this index's typical nearest neighbour" in warning
+    monkeypatch.setattr(reference, "FAR_FACTOR", ratio * 1.1)
+    assert _post_search(client, buf.getvalue(), space="normal", k=1).json()["warnings"] == []
+
+
+def test_patient_list(client, retrieval):
+    r = client.get("/patients")
+    assert r.status_code == 200
+    listed = r.json()
+    assert [p["patient_id"] for p in listed] == sorted(retrieval.patient_by_external)
+    for p in listed:
+        detail = client.get(f"/patients/{p['patient_id']}").json()
+        assert p["slice_count"] == len(detail["slices"])
+        assert p["lesion_slices"] == sum(bool(x["has_abnormality"]) for x in detail["slices"])

@@ -4,6 +4,7 @@ Any uncaught JS error or unexpected console error fails the test."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -89,8 +90,14 @@ def cards(page, grid: str = "#neighbors"):
     return page.locator(f"{grid} .neighbor-card")
 
 
+def _number(text: str) -> float:
+    """A distance as the page shows it: no exponent, thousands separators from 1,000."""
+    assert "e" not in text.lower(), text
+    return 0.0 if text.startswith("<") else float(text.replace(",", ""))
+
+
 def distances(page, grid: str = "#neighbors") -> list[float]:
-    return [float(t) for t in page.locator(f"{grid} .neighbor-card .distance").all_inner_texts()]
+    return [_number(t) for t in page.locator(f"{grid} .neighbor-card .distance").all_inner_texts()]
 
 
 def wait_first_image(page, grid: str = "#neighbors") -> None:
@@ -113,13 +120,13 @@ def test_search_shows_query_images_and_neighbours(page, live_server, indexed_png
                                                   indexed_slices):
     open_app(page, live_server)
     assert "patients" in page.inner_text("#index-stats")
-    upload_and_wait(page, indexed_png, k=5)
+    upload_and_wait(page, indexed_png, k=4)
 
     for role in QUERY_ROLES:
         img = page.locator(f"#query-panel img[data-role={role}]")
         assert img.get_attribute("src").startswith("data:image/png;base64,")
         assert img.get_attribute("alt")
-    expect(page.locator("#query-info")).to_contain_text("space normal, k 5")
+    expect(page.locator("#query-info")).to_contain_text("space normal, k 4")
 
     # The slice the PNG was exported from comes back first, at distance ~0.
     first = cards(page).first
@@ -154,7 +161,8 @@ def test_changing_the_space_resends_and_replaces_results(page, live_server, inde
         expect(page.locator("#query-info")).to_contain_text(f"space {space}, k 4")
         expect(cards(page)).to_have_count(4)
         shown = distances(page)
-        assert shown == [float(f"{n['distance']:.3g}") for n in body["neighbors"]]
+        for text, n in zip(shown, body["neighbors"], strict=True):
+            assert text == pytest.approx(n["distance"], rel=5e-3, abs=0.5)
         assert shown[0] < 1e-3
         assert cards(page).first.get_attribute("data-slice-id") == str(indexed_slices[0].slice_id)
         seen[space] = shown
@@ -283,29 +291,38 @@ def test_position_maps_and_label_overlays(page, live_server, indexed_png):
     expect(first_map).to_be_visible()
     expect(second_map).to_be_visible()
 
-    # Alpha follows value / max of the card's own map, row 0 at the top: the largest cell is
-    # the most opaque, a zero cell is clear.
+    # Alpha follows value / the largest cell of all cards (one shared scale, shown in the
+    # legend), row 0 at the top: a zero cell is clear.
     grid = body["neighbors"][1]["position_distances"]
     flat = [(v, r, c) for r, row in enumerate(grid) for c, v in enumerate(row)]
-    top, r, c = max(flat)
+    _, r, c = max(flat)
+    top = max(v for n in body["neighbors"] for row in n["position_distances"] for v in row)
     assert top > 0
+    legend = page.locator("#search-map-legend")
+    expect(legend).to_be_visible()
+    assert float(legend.get_attribute("data-max")) == pytest.approx(top)
 
     def alpha(canvas, row: int, col: int) -> int:
         return canvas.evaluate(
             """(cv, [r, c]) => cv.getContext('2d')
                  .getImageData(c * 32 + 16, r * 32 + 16, 1, 1).data[3]""", [row, col])
 
-    assert abs(alpha(second_map, r, c) - round(0.8 * 255)) <= 2
+    assert abs(alpha(second_map, r, c) - round(0.8 * 255 * grid[r][c] / top)) <= 2
     low, lr, lc = min(flat)
     assert alpha(second_map, lr, lc) == pytest.approx(0.8 * 255 * low / top, abs=2)
     assert all(alpha(first_map, row, col) == 0 for row in range(8) for col in (0, 4, 7))
 
-    # Label overlays: fetched with the same headers, shown over the images.
+    # Label overlays: fetched with the same headers, shown over the images, with the legend.
     overlay = cards(page).first.locator("img.label-overlay")
     expect(overlay).to_be_hidden()
+    legend = page.locator("#search-results .overlay-legend")
+    expect(legend).to_be_hidden()
     page.check("#toggle-overlays")
     expect(overlay).to_be_visible()
     assert overlay.get_attribute("src").startswith("blob:")
+    expect(legend).to_be_visible()
+    for name in ("TC", "ED", "ET"):
+        expect(legend).to_contain_text(name)
 
 
 def test_more_like_this_searches_by_the_indexed_slice(page, live_server, indexed_png):
@@ -317,6 +334,9 @@ def test_more_like_this_searches_by_the_indexed_slice(page, live_server, indexed
         cards(page).nth(1).locator(".similar-button").click()
     assert response.value.ok and "space=concat" in response.value.url
     expect(page.locator("#search-title")).to_contain_text(f"patient {picked['patient_id']}")
+    # The upload box names the query now, not the file uploaded before.
+    expect(page.locator("#file-name")).to_have_text(
+        f"Query: indexed slice, patient {picked['patient_id']}, slice {picked['slice_index']}")
     expect(cards(page)).to_have_count(3)
     # The server leaves out the slice's own patient by default.
     shown = page.locator("#neighbors .neighbor-card .patient").all_inner_texts()
@@ -328,9 +348,9 @@ def test_more_like_this_searches_by_the_indexed_slice(page, live_server, indexed
 
 def test_a_checkpoint_note_shows_in_the_header_as_text(page, service_index, tiny_checkpoint,
                                                        tmp_path):
-    """An interim checkpoint's note (cbir export-checkpoint --note) reaches the reader, served
+    """A checkpoint's note (cbir export-checkpoint --note) reaches the reader, served
     from a real exported copy with the index's weights; markup in it stays text."""
-    note = "interim <b>CPU</b> run: rankings not meaningful"
+    note = "synthetic <b>training</b> data only"
     noted = tmp_path / "noted.pt"
     export_checkpoint(tiny_checkpoint, noted, note=note)
     url, server, thread = _serve(Settings(index_dir=service_index, checkpoint=noted))
@@ -343,3 +363,155 @@ def test_a_checkpoint_note_shows_in_the_header_as_text(page, service_index, tiny
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_orientation_markers_and_the_predicted_lesion_panel(page, live_server, indexed_png):
+    open_app(page, live_server)
+    body = upload_and_wait(page, indexed_png, k=3)
+    wait_first_image(page)
+    # Every image carries R/L and A/P: the four query figures and each neighbour.
+    for frame in [*page.locator("#query-panel .oriented").all(),
+                  *page.locator("#neighbors .thumb").all()]:
+        marks = frame.locator(".ori")
+        assert marks.all_inner_texts() == ["A", "P", "R", "L"]
+        box, left = frame.bounding_box(), frame.locator(".ori-left").bounding_box()
+        assert left["x"] < box["x"] + box["width"] / 4  # R on the image's left
+    pixels = body["query"]["predicted_pixels"]
+    panel = page.locator("#query-panel figure:has(img[data-role=segmentation])")
+    if sum(pixels.values()):
+        for name in ("TC", "ED", "ET"):
+            expect(panel.locator(".lesion-legend")).to_contain_text(f"{name} ")
+        expect(panel.locator(".lesion-legend")).to_contain_text(f"{pixels['TC']:,} px")
+    else:
+        expect(panel.locator(".no-lesion")).to_have_text("No lesion predicted")
+    # Similarity beside the raw distance, as a percentage of the index's best matches.
+    first = cards(page).first
+    percentile = body["neighbors"][0]["match_percentile"]
+    assert first.locator(".match").inner_text() == f"{math.floor(percentile + 0.5)}%"
+
+
+def test_one_result_per_patient_is_the_default(page, live_server, indexed_png):
+    open_app(page, live_server)
+    expect(page.locator("#group-patient")).to_be_checked()
+    with search_response(page, group="patient") as response:
+        page.set_input_files("#file-input", str(indexed_png))
+    assert response.value.ok
+    patients = page.locator("#neighbors .neighbor-card .patient").all_inner_texts()
+    assert len(patients) == len(set(patients)) > 1
+    # Unchecked: the plain nearest slices, several of one patient.
+    with page.expect_response(lambda r: "/search?" in r.url and "group=" not in r.url) as plain:
+        page.uncheck("#group-patient")
+    assert plain.value.ok
+    expect(cards(page)).to_have_count(int(page.input_value("#k")))
+    patients = page.locator("#neighbors .neighbor-card .patient").all_inner_texts()
+    assert len(set(patients)) < len(patients)
+
+
+def test_the_archive_and_the_example(page, live_server, retrieval):
+    open_app(page, live_server)
+    expect(page.locator("#try-example")).to_be_visible()
+    with page.expect_response(lambda r: "/similar?" in r.url) as response:
+        page.click("#try-example")
+    assert response.value.ok and "group=patient" in response.value.url
+    example = response.value.json()
+    shown = page.locator("#neighbors .neighbor-card .patient").all_inner_texts()
+    own = page.locator("#archive-patient").input_value()
+    assert own not in shown and len(shown) == len(set(shown)) == len(example["neighbors"])
+    expect(page.locator("#search-title")).to_contain_text(f"patient {own}")
+
+    # Browse: another patient, a slice on the slider, its thumbnail, then search with it.
+    other = sorted(retrieval.patient_by_external)[-1]
+    page.select_option("#archive-patient", other)
+    slider = page.locator("#archive-slider")
+    expect(page.locator("#archive-caption")).to_contain_text(other)
+    slider.fill("3")
+    thumb = page.locator("#archive-thumb")
+    pid = retrieval.patient_by_external[other]
+    rows = [r for r in range(len(retrieval.slice_ids)) if retrieval.slice_patient[r] == pid]
+    rows.sort(key=lambda r: retrieval.slice_index[r])
+    expect(thumb).to_have_attribute("data-slice-id", str(int(retrieval.slice_ids[rows[3]])))
+    page.wait_for_function("() => { const i = document.querySelector('#archive-thumb');"
+                           " return i.complete && i.naturalWidth === 256; }")
+    with page.expect_response(
+            lambda r: f"/slices/{int(retrieval.slice_ids[rows[3]])}/similar?" in r.url) as hit:
+        page.click("#archive-search")
+    assert hit.value.ok
+    expect(page.locator("#file-name")).to_contain_text(f"patient {other}, slice "
+                                                       f"{int(retrieval.slice_index[rows[3]])}")
+
+
+def test_compose_offers_the_search_filters(page, live_server, indexed_png, other_png,
+                                          indexed_slices):
+    open_app(page, live_server)
+    page.click("#mode-compose")
+    page.fill("#compose-k", "3")
+    page.fill("#compose-exclude-patient", indexed_slices[1].patient_id)
+    page.select_option("#compose-has-abnormality", "true")
+    page.set_input_files("#compose-normal-input", str(indexed_png))
+    with page.expect_response(lambda r: "/compose?" in r.url) as response:
+        page.set_input_files("#compose-abnormal-input", str(other_png))
+    assert response.value.ok, response.value.text()
+    url = response.value.url
+    assert "group=patient" in url and "has_abnormality=true" in url
+    assert f"exclude_patient={indexed_slices[1].patient_id}" in url
+    body = response.value.json()
+    patients = page.locator("#compose-neighbors .neighbor-card .patient").all_inner_texts()
+    assert indexed_slices[1].patient_id not in patients and len(set(patients)) == len(patients)
+    panel = page.locator("#compose-panel figure:has(img[data-role=segmentation])")
+    if sum(body["composite_pixels"].values()):
+        expect(panel.locator(".lesion-legend")).to_contain_text("TC")
+    else:
+        expect(panel.locator(".no-lesion")).to_have_text("No lesion predicted")
+
+
+@pytest.mark.parametrize("width", [420, 1440])
+def test_layout_from_narrow_to_wide(browser, live_server, indexed_png, width, errors):
+    """Geometry, not pixels: nothing wider than the window, a header that leaves the results
+    readable while scrolling, images side by side. Screenshots go to $CBIR_SCREENSHOTS."""
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.on("console", errors.on_console)
+    page.on("pageerror", errors.on_page_error)
+    try:
+        open_app(page, live_server)
+        header = page.locator(".sticky-top").bounding_box()
+        assert header["height"] <= (160 if width < 700 else 110), header
+        upload_and_wait(page, indexed_png, k=4)
+        wait_first_image(page)
+        page.check("#toggle-overlays")
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        # Scrolled to the neighbours, the first card is what is under its own centre.
+        first = cards(page).first
+        first.scroll_into_view_if_needed()
+        page.evaluate("window.scrollBy(0, -10)")
+        box = first.bounding_box()
+        under = page.evaluate(
+            "([x, y]) => document.elementFromPoint(x, y)?.closest('.neighbor-card')?.dataset.rank",
+            [box["x"] + box["width"] / 2, box["y"] + min(box["height"], 200) / 2])
+        assert under == "1"
+        figures = page.locator("#query-panel figure").all()
+        tops = sorted({round(f.bounding_box()["y"]) for f in figures})
+        assert len(tops) == (2 if width < 700 else 1), tops  # 2 x 2 narrow, 1 x 4 wide
+        for f in figures:
+            assert f.bounding_box()["width"] >= (150 if width < 700 else 200)
+        out = os.environ.get("CBIR_SCREENSHOTS")
+        if out:
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=str(Path(out) / f"page-{width}.png"), full_page=True)
+    finally:
+        context.close()
+
+
+def test_a_far_query_shows_its_warning(page, live_server, indexed_png, monkeypatch):
+    """The server's `warnings` reach the reader (the server runs in this process: a factor
+    below 0 makes every query 'far')."""
+    from service import reference
+
+    monkeypatch.setattr(reference, "FAR_FACTOR", -1.0)
+    open_app(page, live_server)
+    body = upload_and_wait(page, indexed_png, k=2)
+    assert body["warnings"]
+    box = page.locator("#search-warnings")
+    expect(box).to_be_visible()
+    expect(box).to_contain_text("farther than this index's typical nearest neighbour")

@@ -1,0 +1,43 @@
+"""service.reference: the between-patient nearest-neighbour distances a hit is read against."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexer.layout import SPACES
+from service.reference import Reference
+from service.retrieval import Codes, Timings
+
+
+def test_table_distances_equal_a_faiss_search(retrieval):
+    """The code-table sum is the exact squared L2 of the stored vectors: each sampled slice's
+    nearest slice of another patient, found by FAISS, is at the measured distance."""
+    ref = Reference.measure(retrieval.codebooks, retrieval.codes, retrieval.slice_patient)
+    n = len(retrieval.slice_ids)
+    rows = np.unique(np.linspace(0, n - 1, ref.sampled).round().astype(np.int64))
+    for space in SPACES:
+        found = []
+        for row in rows[:: max(1, len(rows) // 12)]:
+            codes = Codes(retrieval.codes[row, 0].astype(np.int64),
+                          retrieval.codes[row, 1].astype(np.int64))
+            hit = retrieval.search(space, codes, 1, Timings(),
+                                   exclude_patient_ids=(int(retrieval.slice_patient[row]),))[0]
+            found.append(hit.distance)
+        for d in found:  # every FAISS nearest distance is one of the measured ones
+            assert np.min(np.abs(ref.distances[space] - d)) <= 1e-4 * max(1.0, d), space
+
+
+def test_percentiles_and_far_factor():
+    ref = Reference(distances={s: np.array([1.0, 2.0, 3.0, 4.0]) for s in SPACES}, sampled=4)
+    assert ref.median("normal") == 2.5
+    assert [ref.match_percentile("normal", d) for d in (0.0, 2.0, 3.5, 9.0)] == [
+        100.0, 75.0, 25.0, 0.0]
+    assert ref.far("normal", 2.5 * 30) is None
+    assert ref.far("normal", 2.5 * 31) == pytest.approx(31)
+
+
+def test_one_patient_has_no_reference():
+    codes = np.zeros((5, 2, 8, 8), np.uint16)
+    books = {"normal": np.eye(4, 64), "abnormal": np.eye(4, 64)}
+    assert Reference.measure(books, codes, np.zeros(5, np.int64)) is None
