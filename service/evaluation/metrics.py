@@ -126,17 +126,25 @@ def region_mae(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float | None
     return float(np.abs(a[region] - b[region]).mean())
 
 
-def region_ssim(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float | None:
-    """Mean local SSIM of two [0, 1] slices over the window centres inside ``region`` (windows
-    that fit in the image); None when no such centre is in the region."""
+def ssim_maps(a: np.ndarray, b: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Local SSIM of two stacks of [0, 1] slices, (n, H, W) each -> (n, H - 10, W - 10): one
+    value per window that fits in the image, at its centre."""
+    out = []
+    for start in range(0, len(a), batch):
+        x = torch.from_numpy(np.ascontiguousarray(a[start:start + batch], np.float32))[:, None]
+        y = torch.from_numpy(np.ascontiguousarray(b[start:start + batch], np.float32))[:, None]
+        s, _ = compute_ssim_and_cs(x, y, spatial_dims=2, kernel_size=(SSIM_WINDOW,) * 2,
+                                   kernel_sigma=(1.5, 1.5), data_range=1.0)
+        out.append(s[:, 0].numpy())
+    return np.concatenate(out) if out else np.zeros((0,) + tuple(
+        n - 2 * _HALF for n in a.shape[1:]), np.float32)
+
+
+def region_ssim(ssim_map: np.ndarray, region: np.ndarray) -> float | None:
+    """Mean of one slice's local SSIM (``ssim_maps``) over the window centres inside ``region``
+    (H, W); None when no such centre is in the region."""
     r = region[_HALF:-_HALF, _HALF:-_HALF]
-    if not r.any():
-        return None
-    s, _ = compute_ssim_and_cs(torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None],
-                               torch.from_numpy(np.ascontiguousarray(b, np.float32))[None, None],
-                               spatial_dims=2, kernel_size=(SSIM_WINDOW,) * 2,
-                               kernel_sigma=(1.5, 1.5), data_range=1.0)
-    return float(s[0, 0].numpy()[r].mean())
+    return float(ssim_map[r].mean()) if r.any() else None
 
 
 def class_dice(pred: np.ndarray, truth: np.ndarray, label: int) -> float | None:

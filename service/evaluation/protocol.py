@@ -152,10 +152,14 @@ def _model_slice_figures(queries: Queries, drawn: Drawn) -> dict[str, list[float
         "pseudo_normal_mae_outside", "pseudo_normal_ssim_outside", "input_mae_lesion",
         "input_ssim_lesion", "input_mae_outside", "input_ssim_outside",
         "segmentation_dice_tc", "segmentation_dice_ed", "segmentation_dice_et")}
+    rec_ssim = metrics.ssim_maps(drawn.reconstruction, queries.image)
+    if queries.healthy is not None:
+        against_twin = {"pseudo_normal": (drawn.pseudo_normal,
+                                          metrics.ssim_maps(drawn.pseudo_normal, queries.healthy)),
+                        "input": (queries.image, metrics.ssim_maps(queries.image, queries.healthy))}
     for i, image in enumerate(queries.image):
         brain = image > 0
-        per["reconstruction_ssim_brain"].append(
-            metrics.region_ssim(drawn.reconstruction[i], image, brain))
+        per["reconstruction_ssim_brain"].append(metrics.region_ssim(rec_ssim[i], brain))
         for name, label in zip(("tc", "ed", "et"), (1, 2, 3), strict=True):
             per[f"segmentation_dice_{name}"].append(
                 metrics.class_dice(drawn.predicted[i], queries.lesion[i], label))
@@ -165,10 +169,9 @@ def _model_slice_figures(queries: Queries, drawn: Drawn) -> dict[str, list[float
         lesion = queries.lesion[i] > 0
         regions = {"lesion": lesion, "outside": (brain | (twin > 0)) & ~lesion}
         for where, region in regions.items():
-            for who, drawn_image in (("pseudo_normal", drawn.pseudo_normal[i]),
-                                     ("input", image)):
-                per[f"{who}_mae_{where}"].append(metrics.region_mae(drawn_image, twin, region))
-                per[f"{who}_ssim_{where}"].append(metrics.region_ssim(drawn_image, twin, region))
+            for who, (images, ssim) in against_twin.items():
+                per[f"{who}_mae_{where}"].append(metrics.region_mae(images[i], twin, region))
+                per[f"{who}_ssim_{where}"].append(metrics.region_ssim(ssim[i], region))
     return {k: v for k, v in per.items() if v}
 
 

@@ -134,12 +134,17 @@ def test_region_mae_and_ssim():
     region[8:24, 8:24] = True
     assert metrics.region_mae(a, b, region) == pytest.approx(0.25)
     assert metrics.region_mae(a, b, np.zeros_like(region)) is None
-    img = np.random.default_rng(0).random((32, 32)).astype(np.float32)
-    assert metrics.region_ssim(img, img, region) == pytest.approx(1.0, abs=1e-5)
-    assert metrics.region_ssim(img, 1 - img, region) < 0
+    img = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
+    same, inverted = metrics.ssim_maps(img, img), metrics.ssim_maps(img, 1 - img, batch=2)
+    assert same.shape == inverted.shape == (3, 22, 22)
+    assert metrics.region_ssim(same[1], region) == pytest.approx(1.0, abs=1e-5)
+    assert metrics.region_ssim(inverted[2], region) < 0
+    # Batched maps equal one-at-a-time maps.
+    np.testing.assert_allclose(inverted[2], metrics.ssim_maps(img[2:], 1 - img[2:])[0],
+                               atol=1e-6)
     border = np.zeros_like(region)
     border[0, :] = True  # no window centre fits there
-    assert metrics.region_ssim(img, img, border) is None
+    assert metrics.region_ssim(same[0], border) is None
 
 
 def test_class_dice():
