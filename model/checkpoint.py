@@ -93,16 +93,20 @@ def load_model(path: Path | str, device: str | torch.device = "cpu"):
     return model.to(device).eval(), payload
 
 
-def export_checkpoint(src: Path | str, dst: Path | str, note: str | None = None) -> dict[str, Any]:
+def export_checkpoint(src: Path | str, dst: Path | str, note: str | None = None,
+                      eval_headline: dict[str, Any] | None = None) -> dict[str, Any]:
     """Copy a training checkpoint without its optimizer state: what is shipped and served.
 
     The weights, and so ``weights_sha256``, are unchanged; ``--resume`` needs the original.
-    ``note`` (e.g. the limits of an interim model) travels with it and the service shows it.
+    ``note`` (e.g. what it was trained on and its limits) travels with it and the service shows it,
+    and so does ``eval_headline``: the headline figures of a ``cbir eval`` run of these weights.
     """
     payload = read_checkpoint(src)
     payload.pop("optimizer", None)
     payload["exported_from"] = Path(src).name
     if note is not None:
         payload["note"] = note
+    if eval_headline is not None:
+        payload["eval_headline"] = eval_headline
     atomic_write(dst, lambda fh: torch.save(payload, fh))
     return payload

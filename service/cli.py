@@ -311,13 +311,32 @@ def export_checkpoint_cmd(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Training checkpoint.")],
     out: Annotated[Path, typer.Option(help="Checkpoint to write, without optimizer state.")],
     note: Annotated[str | None, typer.Option(
-        help="A line for users (e.g. an interim model's limits); the service shows it.")] = None,
+        help="A line for users (training data, limits); the service shows it.")] = None,
+    eval_report: Annotated[Path | None, typer.Option(
+        help="eval.json of a `cbir eval` run of these weights: its headline figures travel "
+             "with the checkpoint and GET /info shows them.")] = None,
 ) -> None:
     """Write a checkpoint for shipping: same weights (and sha256), no optimizer state."""
-    from model.checkpoint import CheckpointError, export_checkpoint
+    import json
 
+    from model.checkpoint import CheckpointError, export_checkpoint, read_checkpoint
+
+    headline = None
+    if eval_report is not None:
+        try:
+            report = json.loads(eval_report.read_text())
+            headline = {**report["headline"], "command": report["command"],
+                        "created": report.get("created")}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _fail(f"{eval_report}: not a cbir eval report ({type(exc).__name__}: {exc})")
+        try:
+            sha = read_checkpoint(checkpoint)["weights_sha256"]
+        except CheckpointError as exc:
+            _fail(str(exc))
+        if report.get("checkpoint", {}).get("weights_sha256") not in (None, sha):
+            _fail(f"{eval_report} evaluated other weights than {checkpoint}")
     try:
-        payload = export_checkpoint(checkpoint, out, note=note)
+        payload = export_checkpoint(checkpoint, out, note=note, eval_headline=headline)
     except CheckpointError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, preset {payload['preset']}, "

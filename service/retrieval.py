@@ -119,7 +119,7 @@ class Retrieval:
                  slice_ids: np.ndarray, slice_patient: np.ndarray, slice_index: np.ndarray,
                  slice_abnormal: np.ndarray, codes: np.ndarray, patients: dict[int, tuple],
                  device: torch.device, inference_workers: int = 1,
-                 model_note: str | None = None):
+                 model_note: str | None = None, eval_headline: dict | None = None):
         self.index_dir = index_dir
         self.model = model
         self.codebooks = codebooks
@@ -137,11 +137,12 @@ class Retrieval:
         self.patient_by_external = {ext: pid for pid, (ext, _) in patients.items()}
         self.device = device
         self.model_note = model_note  # the checkpoint's note for users, if it has one
+        self.eval_headline = eval_headline  # its `cbir eval` headline figures, if it has them
         self._inference = threading.Semaphore(inference_workers)
         self._thumbs: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._thumbs_lock = threading.Lock()
-        self.slices_per_patient = np.bincount(
-            np.unique(slice_patient, return_inverse=True)[1]).max() if len(slice_patient) else 0
+        self.slices_per_patient = int(np.bincount(
+            np.unique(slice_patient, return_inverse=True)[1]).max()) if len(slice_patient) else 0
         self.reference = Reference.measure(codebooks, codes, slice_patient)
 
     # -- loading ---------------------------------------------------------------------------------
@@ -200,7 +201,8 @@ class Retrieval:
             slice_patient=np.array([r.patient_id for r in rows], np.int64),
             slice_index=np.array([r.slice_index for r in rows], np.int64),
             slice_abnormal=abnormal, codes=codes, patients=patients, device=torch_device,
-            inference_workers=inference_workers, model_note=model_note)
+            inference_workers=inference_workers, model_note=model_note,
+            eval_headline=ckpt.get("eval_headline"))
         problems = retrieval.consistency_problems()
         if problems:
             raise RetrievalError("index and catalogue disagree: " + "; ".join(problems))
@@ -294,7 +296,7 @@ class Retrieval:
             # Grouped: each patient holds at most `slices_per_patient` of the nearest m, so the
             # nearest k * slices_per_patient hold k distinct patients whenever k exist.
             wanted = k * self.slices_per_patient if group_by_patient else k
-            k_eff = min(wanted, available)
+            k_eff = int(min(wanted, available))
             if k_eff == 0:
                 return []
             if filtered or k_eff > 2048:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -173,8 +173,12 @@ class IndexInfo(BaseModel):
     max_upload_mb: float
     auth_required: bool
     faiss_gpu: bool
-    model_note: str | None = Field(None, description="The checkpoint's note for users, e.g. the "
-                                                     "limits of an interim model.")
+    model_note: str | None = Field(None, description="The checkpoint's note for users, e.g. what "
+                                                     "it was trained on and its limits.")
+    eval_headline: dict[str, Any] | None = Field(
+        None, description="Headline figures of a `cbir eval` run of the served weights, as "
+                          "the checkpoint carries them (k, then per figure the model, raw-pixel, "
+                          "random and oracle values; the command that produced them).")
     typical_distance: dict[str, float] | None = Field(
         None, description="Median distance from an indexed slice to its nearest slice of another "
                           "patient, per space (sampled at load); what match_percentile is read "

@@ -98,9 +98,9 @@ def test_export_drops_the_optimizer_and_keeps_the_weights(model, tmp_path):
     model.eval()
     sha = save_checkpoint(src, model, "tiny", extra={"optimizer": optimizer.state_dict(),
                                                      "epoch": 3})
-    export_checkpoint(src, dst, note="interim")
+    export_checkpoint(src, dst, note="synthetic")
     shipped = read_checkpoint(dst)
-    assert "optimizer" not in shipped and shipped["epoch"] == 3 and shipped["note"] == "interim"
+    assert "optimizer" not in shipped and shipped["epoch"] == 3 and shipped["note"] == "synthetic"
     assert shipped["weights_sha256"] == sha
     assert dst.stat().st_size < src.stat().st_size
     loaded, _ = load_model(dst)

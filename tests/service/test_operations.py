@@ -109,11 +109,46 @@ def test_info_shows_the_checkpoint_note(service_index, tiny_checkpoint, tmp_path
     from service.config import Settings
 
     noted = tmp_path / "noted.pt"
-    export_checkpoint(tiny_checkpoint, noted, note="interim CPU run")
-    for checkpoint, expected in ((None, None), (noted, "interim CPU run")):
+    export_checkpoint(tiny_checkpoint, noted, note="trained on synthetic data only")
+    for checkpoint, expected in ((None, None), (noted, "trained on synthetic data only")):
         with TestClient(create_app(Settings(index_dir=service_index,
                                             checkpoint=checkpoint))) as c:
             assert c.get("/info").json()["model_note"] == expected
+
+
+def test_info_shows_the_eval_headline_the_checkpoint_carries(service_index, tiny_checkpoint,
+                                                            tmp_path):
+    """cbir export-checkpoint --eval-report puts a cbir eval run's headline into the shipped
+    checkpoint; the service shows it in /info; a report of other weights is refused."""
+    import json
+
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from model.checkpoint import read_checkpoint
+    from service.api.app import create_app
+    from service.cli import app
+    from service.config import Settings
+
+    sha = read_checkpoint(tiny_checkpoint)["weights_sha256"]
+    headline = {"k": 5, "figures": [{"space": "normal", "figure": "normal_dice", "model": 0.7,
+                                     "pixels": 0.6, "random": 0.3, "oracle": 0.8}]}
+    report = tmp_path / "eval.json"
+    report.write_text(json.dumps({"headline": headline, "command": "cbir eval --index x",
+                                  "checkpoint": {"weights_sha256": sha}}))
+    shipped = tmp_path / "shipped.pt"
+    result = CliRunner().invoke(app, ["export-checkpoint", "--checkpoint", str(tiny_checkpoint),
+                                      "--out", str(shipped), "--eval-report", str(report)])
+    assert result.exit_code == 0, result.output
+    with TestClient(create_app(Settings(index_dir=service_index, checkpoint=shipped))) as c:
+        shown = c.get("/info").json()["eval_headline"]
+    assert shown["figures"] == headline["figures"] and shown["command"] == "cbir eval --index x"
+    report.write_text(json.dumps({"headline": headline, "command": "cbir eval",
+                                  "checkpoint": {"weights_sha256": "0" * 64}}))
+    result = CliRunner().invoke(app, ["export-checkpoint", "--checkpoint", str(tiny_checkpoint),
+                                      "--out", str(tmp_path / "other.pt"), "--eval-report",
+                                      str(report)])
+    assert result.exit_code == 2 and "evaluated other weights" in result.output
 
 
 def test_head_answers_like_get(client):

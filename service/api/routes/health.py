@@ -61,5 +61,6 @@ async def info(retrieval: RetrievalDep, settings: SettingsDep) -> IndexInfo:
         default_k=min(settings.default_k, settings.max_k), max_k=settings.max_k,
         max_upload_mb=settings.max_upload_mb, auth_required=bool(settings.api_key),
         faiss_gpu=retrieval.faiss_gpu, model_note=retrieval.model_note,
+        eval_headline=retrieval.eval_headline,
         typical_distance=None if retrieval.reference is None else
         {space: retrieval.reference.median(space) for space in SPACES})
