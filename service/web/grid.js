@@ -52,6 +52,7 @@ export class NeighborGrid {
     this.cards = [];
     this.container.replaceChildren();
     this.countNode.textContent = '';
+    this.mapLegend.replaceChildren();
   }
 
   render(neighbors) {

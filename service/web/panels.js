@@ -9,7 +9,7 @@ export function lesionLegend(pixels) {
   const node = el('div', { className: 'legend lesion-legend' });
   node.append($('#lesion-legend-template').content.cloneNode(true));
   if (pixels) {
-    const spans = $$('span:not(.swatch)', node);
+    const spans = $$('.legend-item > span:not(.swatch)', node);
     Object.keys(LESION_NAMES).forEach((name, i) => {
       const count = pixels[name].toLocaleString('en-US');
       spans[i].textContent = `${name} ${LESION_NAMES[name]}: ${count} px`;
