@@ -4,8 +4,9 @@ For a sample of indexed slices, the distance in each space to the nearest slice 
 patient: what a new patient's slice typically finds. A search hit's distance is then read
 against that distribution: ``match_percentile`` is the share of those nearest-neighbour
 distances that are at least as large (100 for a distance of 0, about 50 for a typical best
-match, near 0 for a worse one), and a query whose best hit is many times the median is flagged
-as lying far from everything indexed.
+match, near 0 for a worse one), and a query whose best hit lies beyond every sampled
+nearest-neighbour distance (``match_percentile`` 0) is flagged as lying far from everything
+indexed: a new patient's slice is flagged so with a chance of about one in the sample size.
 
 Measured when the index is loaded, not stored at build time, and cheap because the codes are
 discrete: a squared distance is a sum over the 64 code positions of the squared distance of two
@@ -24,7 +25,6 @@ from indexer.layout import SPACES
 
 MAX_SAMPLE = 256
 MAX_PAIRS = 20_000_000  # sample x index size: a few seconds of look-ups at most
-FAR_FACTOR = 30.0  # a best hit this many times the median nearest-neighbour distance is "far"
 
 
 def codebook_tables(codebooks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -84,9 +84,9 @@ class Reference:
         return round(100.0 * at_least / len(ref), 1)
 
     def far(self, space: str, distance: float) -> float | None:
-        """How many times the median the distance is, when that is more than ``FAR_FACTOR``."""
+        """How many times the median the distance is, when it lies beyond every sampled
+        nearest-neighbour distance; None otherwise."""
+        if self.match_percentile(space, distance) > 0:
+            return None
         median = self.median(space)
-        if median <= 0:
-            return None if distance <= 0 else float("inf")
-        ratio = distance / median
-        return ratio if ratio > FAR_FACTOR else None
+        return distance / median if median > 0 else float("inf")

@@ -349,10 +349,12 @@ class Retrieval:
         ratio = self.reference.far(space, hits[0].distance)
         if ratio is None:
             return None
-        return (f"the nearest indexed slice is {ratio:.0f}x farther than this index's typical "
+        return (f"the nearest indexed slice is {ratio:.1f}x farther than this index's typical "
                 f"nearest neighbour in the {space} space (median "
-                f"{self.reference.median(space):.4g}): the query may not be an axial T1ce brain "
-                f"slice like those indexed, so these results may mean little")
+                f"{self.reference.median(space):.4g}), farther than any of the "
+                f"{len(self.reference.distances[space])} sampled best matches between indexed "
+                f"patients: the query may not be an axial T1ce brain slice like those indexed, "
+                f"so these results may mean little")
 
     def patient_list(self) -> list[tuple[str, int, bool, int]]:
         """Every indexed patient: external id, slices, whether labelled, slices with a lesion."""

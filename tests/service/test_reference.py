@@ -28,13 +28,13 @@ def test_table_distances_equal_a_faiss_search(retrieval):
             assert np.min(np.abs(ref.distances[space] - d)) <= 1e-4 * max(1.0, d), space
 
 
-def test_percentiles_and_far_factor():
+def test_percentiles_and_what_is_far():
     ref = Reference(distances={s: np.array([1.0, 2.0, 3.0, 4.0]) for s in SPACES}, sampled=4)
     assert ref.median("normal") == 2.5
     assert [ref.match_percentile("normal", d) for d in (0.0, 2.0, 3.5, 9.0)] == [
         100.0, 75.0, 25.0, 0.0]
-    assert ref.far("normal", 2.5 * 30) is None
-    assert ref.far("normal", 2.5 * 31) == pytest.approx(31)
+    assert ref.far("normal", 4.0) is None  # as far as the farthest sampled best match
+    assert ref.far("normal", 5.0) == pytest.approx(2.0)  # beyond all: 2x the median
 
 
 def test_one_patient_has_no_reference():

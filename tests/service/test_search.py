@@ -283,24 +283,36 @@ def test_match_percentile_reads_a_distance_against_the_index(client, retrieval, 
         (h["match_percentile"] for h in hits), reverse=True)
 
 
-def test_a_query_far_from_everything_indexed_gets_a_warning(client, retrieval, monkeypatch):
-    """The nearest hit over FAR_FACTOR times the median between-patient nearest-neighbour
-    distance: 200 with a warning saying so; the same query under the factor: no warning."""
-    from service import reference
+def test_a_query_far_from_everything_indexed_gets_a_warning(client, monkeypatch):
+    """Flagged when the nearest hit lies beyond every sampled between-patient nearest-neighbour
+    distance (match percentile 0): 200 with a warning saying so. The rule is checked against
+    the measured distances, and against references that put the same query near and far."""
+    from service.reference import Reference
 
-    rng = np.random.default_rng(0)
-    noise = rng.integers(1, 255, (256, 256), dtype=np.uint8)
+    noise = np.random.default_rng(0).integers(1, 255, (256, 256), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(noise).save(buf, format="PNG")
-    r = _post_search(client, buf.getvalue(), space="normal", k=1)
-    assert r.status_code == 200
-    ratio = r.json()["neighbors"][0]["distance"] / retrieval.reference.median("normal")
-    monkeypatch.setattr(reference, "FAR_FACTOR", ratio * 0.9)
-    r = _post_search(client, buf.getvalue(), space="normal", k=1)
-    (warning,) = r.json()["warnings"]
-    assert f"{ratio:.0f}x farther than this index's typical nearest neighbour" in warning
-    monkeypatch.setattr(reference, "FAR_FACTOR", ratio * 1.1)
-    assert _post_search(client, buf.getvalue(), space="normal", k=1).json()["warnings"] == []
+
+    def search():
+        r = _post_search(client, buf.getvalue(), space="normal", k=1)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    served = client.app.state.retrieval  # the app's own engine, loaded from the same index
+    body = search()
+    d = body["neighbors"][0]["distance"]
+    ref = served.reference
+    assert bool(body["warnings"]) == (body["neighbors"][0]["match_percentile"] == 0)
+    assert bool(body["warnings"]) == (d > ref.distances["normal"][-1] * (1 + 1e-6))
+    far = Reference({s: np.array([d / 8, d / 4, d / 2]) for s in SPACES}, 3)
+    monkeypatch.setattr(served, "reference", far)
+    (warning,) = search()["warnings"]
+    assert "4.0x farther than this index's typical nearest neighbour in the normal space" in \
+        warning
+    assert "farther than any of the 3 sampled best matches" in warning
+    near = Reference({s: np.array([d / 2, d * 2]) for s in SPACES}, 2)
+    monkeypatch.setattr(served, "reference", near)
+    assert search()["warnings"] == []
 
 
 def test_patient_list(client, retrieval):
