@@ -34,7 +34,7 @@ from model.data.preprocess import PREPROCESSING_VERSION
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "cbir-small.pt"
+DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "cbir-cpu.pt"
 
 
 @dataclass
