@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -52,7 +51,19 @@ def eval_command(
                                ("--batch-size", batch_size, 1)):
         if value < least:
             raise typer.BadParameter(f"{name} must be at least {least}, got {value}")
-    command = shlex.join(["cbir", *sys.argv[1:]])
+    # The command as it would be typed, rebuilt from the parsed options (sys.argv is not the
+    # command when cbir runs inside another program, e.g. a test runner).
+    argv = ["cbir", "eval", "--index", str(index)]
+    for q in queries:
+        argv += ["--queries", str(q)]
+    argv += ["--out", str(out), "--k", k, "--max-queries", str(max_queries), "--seed", str(seed)]
+    for r in references or []:
+        argv += ["--references", str(r)]
+    if db:
+        argv += ["--db", db]
+    if checkpoint:
+        argv += ["--checkpoint", str(checkpoint)]
+    command = shlex.join(argv)
     try:
         evaluation = evaluate(index, queries, ks=ks, max_queries=max_queries or None, seed=seed,
                               reference_dirs=references, db_url=db, checkpoint=checkpoint,

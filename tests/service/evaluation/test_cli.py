@@ -20,7 +20,7 @@ def test_cbir_eval_writes_the_report(eval_index, split_cohort, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "eval.json").read_text())
     assert data["k"] == [1, 2] and data["queries"]["slices"] == 4
-    assert data["command"].startswith("cbir ")
+    assert data["command"].startswith(f"cbir eval --index {eval_index} --queries ")
     assert (out / "index.html").stat().st_size > 10_000
     assert "at k = 2: model | pixels | random | oracle" in result.output
     assert "normal_dice" in result.output
