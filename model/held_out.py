@@ -22,12 +22,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from model.metrics import dice_counts, dice_from_counts, ssim_map
+from model.metrics import SSIM_WINDOW, dice_counts, dice_from_counts, ssim_map
 from model.network import DecompositionNet
 
 CLASS_NAMES = ("TC", "ED", "ET")
 TOP_K = 5
-_HALF = 5  # half the SSIM window: ssim_map covers the window centres (H - 10) x (W - 10)
+_HALF = SSIM_WINDOW // 2  # ssim_map covers the window centres, (H - 10) x (W - 10)
 
 # The seven held-out figures, each in [0, 1], that checkpoint selection adds up.
 SCORE_TERMS = ("dice_whole", "dice_class_mean", "rec_ssim_brain", "pn_ssim_out",

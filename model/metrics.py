@@ -1,4 +1,4 @@
-"""Held-out metrics: SSIM inside and outside a region, and Dice per abnormal class."""
+"""Held-out metrics: local SSIM maps, and Dice per abnormal class from pixel counts."""
 
 from __future__ import annotations
 
@@ -8,22 +8,11 @@ from torch import Tensor
 from model import ssim
 
 SSIM_WINDOW = ssim.WINDOW  # Wang et al. (2004): 11 x 11 Gaussian window, sigma 1.5
-_HALF = SSIM_WINDOW // 2
 
 
 def ssim_map(a: Tensor, b: Tensor) -> Tensor:
     """Local SSIM of two (B, 1, H, W) images in [0, 1]: (B, 1, H - 10, W - 10), valid windows."""
     return ssim.ssim_map(a, b, data_range=1.0)
-
-
-def masked_ssim_sums(a: Tensor, b: Tensor, region: Tensor) -> tuple[float, int]:
-    """Sum of local SSIM over the window centres inside ``region`` (B, 1, H, W), and their count.
-
-    Sums, not means, so that a held-out set can be accumulated batch by batch.
-    """
-    s = ssim_map(a, b)
-    r = region[..., _HALF:-_HALF, _HALF:-_HALF].bool()
-    return float(s[r].sum()), int(r.sum())
 
 
 def dice_counts(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
