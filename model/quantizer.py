@@ -188,6 +188,14 @@ class VectorQuantizer(nn.Module):
             self.codebook[0] = 0.0
             self.codebook_sum[0] = 0.0
 
+    @torch.no_grad()
+    def reset_null_code(self) -> None:
+        """Make row 0 the null code (the zero vector) of a codebook learnt without one."""
+        if not self.null_code:
+            raise ValueError("this quantizer has no null code")
+        self.codebook[0] = 0.0
+        self.codebook_sum[0] = 0.0
+
     def lookup(self, indices: Tensor) -> Tensor:
         """Code vectors of an index map: (B, H, W) int -> (B, D, H, W) float32."""
         if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):

@@ -62,6 +62,14 @@ class TrainConfig:
     # The abnormal code by position, with a fixed null code for lesion-free positions
     # (ModelConfig.abnormal_null_code; model/losses.py). Off: the paper's slice-level L_dis.
     null_code: bool = False
+    # With null_code: the unit that takes the null code is the SLICE, not the code position. A
+    # lesion-free slice takes it at every position, a slice with a lesion commits every position
+    # to the other codes, so in the abnormal space every lesion-free slice is one point, far
+    # from every slice with a lesion (model/losses.py, ``null_by_slice``).
+    null_by_slice: bool = False
+    # Warm start: the model weights of this checkpoint (an exported or a training one); the
+    # optimizer, the schedule and the step start afresh. None: He initialisation.
+    init_from: str | None = None
     bf16: bool = True  # bf16 autocast where the CPU or GPU supports it; losses, VQ in fp32
     channels_last: bool = True  # NHWC memory format (faster convolutions on the CPU)
     weights: LossWeights = field(default_factory=lambda: LossWeights(rec=5.0))
@@ -149,9 +157,11 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _batch(dataset: SliceDataset, items: list[int]) -> dict:
+def _batch(dataset: SliceDataset, items: list[int], patient_number: dict[str, int]) -> dict:
     rows = [dataset[i] for i in items]
-    return {key: torch.stack([r[key] for r in rows]) for key in ("image", "abnormal")}
+    batch = {key: torch.stack([r[key] for r in rows]) for key in ("image", "abnormal")}
+    batch["patient"] = torch.tensor([patient_number[r["pid"]] for r in rows])
+    return batch
 
 
 def _order(n: int, seed: int, epoch: int) -> list[int]:
@@ -196,6 +206,24 @@ def _load_cases(data: list[Path]) -> tuple[list, list]:
     if not cases:
         raise TrainingError(f"no patient with a t1ce image under {', '.join(map(str, data))}")
     return cases, skipped
+
+
+def _warm_start(model: DecompositionNet, path: Path, preset: str) -> None:
+    """Load the model weights of ``path`` into ``model`` (same preset and shapes)."""
+    try:
+        state = read_checkpoint(path)
+    except CheckpointError as exc:
+        raise TrainingError(f"cannot start from {path}: {exc}") from exc
+    if state["preset"] != preset:
+        raise TrainingError(f"cannot start from {path}: it is a '{state['preset']}' "
+                            f"checkpoint, this run trains '{preset}'")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise TrainingError(f"cannot start from {path}: its weights do not fit the "
+                            f"'{preset}' model ({str(exc).splitlines()[0]})") from exc
+    if model.config.abnormal_null_code:  # a source trained without one: row 0 becomes it
+        model.abnormal_quantizer.reset_null_code()
 
 
 def _resume_state(out: Path, config: TrainConfig, fingerprint: str) -> dict:
@@ -274,7 +302,13 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
         optimizer.load_state_dict(state["optimizer"])
         step, train_seconds = int(state["step"]), float(state.get("train_seconds", 0.0))
         best = float(state.get("best_score", float("-inf")))
-    criterion = DecompositionLoss(config.weights, null_code=config.null_code)
+    elif config.init_from is not None:
+        _warm_start(model, Path(config.init_from), config.preset)
+    criterion = DecompositionLoss(config.weights, null_code=config.null_code,
+                                  null_by_slice=config.null_by_slice)
+    if state is not None and criterion.margin is not None and "margin_bank" in state:
+        criterion.margin.load_state_dict(state["margin_bank"])
+    patient_number = {p.pid: i for i, p in enumerate(dataset.patients)}
     bf16 = config.bf16 and use_bf16(device)
     metrics_path = out.with_name(out.name + ".metrics.jsonl")
     best_path = out.with_name(out.stem + ".best" + out.suffix)
@@ -286,6 +320,8 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
         nonlocal best
         payload = {**extra, "step": step, "train_seconds": round(train_seconds, 1),
                    "optimizer": optimizer.state_dict(), "metrics": record}
+        if criterion.margin is not None:  # the bank of recent codes, for an exact resume
+            payload["margin_bank"] = criterion.margin.state_dict()
         score = record.get("held_out", {}).get("score")
         improved = score is not None and score > best
         if improved:
@@ -293,8 +329,8 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
         payload["best_score"] = best
         save_checkpoint(out, model, config.preset, extra=payload)
         if improved:
-            save_checkpoint(best_path, model, config.preset,
-                            extra={k: v for k, v in payload.items() if k != "optimizer"})
+            save_checkpoint(best_path, model, config.preset, extra={
+                k: v for k, v in payload.items() if k not in ("optimizer", "margin_bank")})
 
     def evaluation(totals: dict, since: int, seconds: float) -> dict:
         t0 = time.monotonic()
@@ -337,13 +373,13 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
                                                 (position + 1) * config.batch_size]]
             # Augmentation, dead-code restarts and dropout-like draws: a function of the step.
             torch.manual_seed(config.seed * 1_000_003 + step)
-            batch = _batch(dataset, items)
+            batch = _batch(dataset, items, patient_number)
             if config.augment:
                 batch = augment(batch, torch.Generator().manual_seed(config.seed * 7919 + step))
             x = batch["image"].to(device).contiguous(memory_format=memory_format)
             target = batch["abnormal"].to(device)
             lesion = None
-            if config.lesion_codebook and config.null_code:  # by code position
+            if config.lesion_codebook and config.null_code and not config.null_by_slice:
                 cells = model_config.code_size
                 lesion = F.adaptive_max_pool2d((target > 0)[:, None].float(), cells)[:, 0] > 0
             elif config.lesion_codebook:  # by slice
@@ -353,7 +389,7 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
             t0 = time.monotonic()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 output = model(x, lesion=lesion)
-            loss, terms = criterion(output, x.float(), target)
+            loss, terms = criterion(output, x.float(), target, batch["patient"].to(device))
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {step + 1}: lower the "
                                     f"learning rate (--lr)")

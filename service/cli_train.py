@@ -55,6 +55,21 @@ def train(
         "--null-code/--no-null-code",
         help="Abnormal code by position with a fixed null code for lesion-free positions "
              "(default off: the paper's slice-level L_dis).")] = None,
+    pi: Annotated[float | None, typer.Option(
+        help="Threshold of the L_dis hinge, squared distance per code position (default 10, the "
+             "paper's).")] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        help="Warm start from this checkpoint's weights (fresh optimizer and schedule).")] = None,
+    sep_weight: Annotated[float | None, typer.Option(
+        help="Weight of the abnormal-space retrieval margin, our addition (default 0: off).")
+    ] = None,
+    sep_margin: Annotated[float | None, typer.Option(
+        help="Its margin: a wrong-status neighbour must lie (1 + margin) x farther than the "
+             "5th right one (default 0.5).")] = None,
+    null_by_slice: Annotated[bool | None, typer.Option(
+        "--null-by-slice/--null-by-position",
+        help="With --null-code: lesion-free slices take the null code at every position, "
+             "slices with a lesion nowhere (default: by position).")] = None,
     bf16: Annotated[bool | None, typer.Option(
         "--bf16/--no-bf16", help="bf16 autocast where supported (default on).")] = None,
     channels_last: Annotated[bool | None, typer.Option(
@@ -73,9 +88,11 @@ def train(
         "min_lr": min_lr, "warmup_steps": warmup_steps, "eval_every": eval_every,
         "eval_slices": eval_slices, "seed": seed,
         "val_fraction": val_fraction, "augment": augment, "lesion_codebook": lesion_codebook,
-        "null_code": null_code,
+        "null_code": null_code, "null_by_slice": null_by_slice,
+        "init_from": None if init_from is None else str(init_from),
         "bf16": bf16, "channels_last": channels_last}.items() if v is not None}
-    weights = {k: v for k, v in {"rec": rec_weight, "seg": seg_weight}.items() if v is not None}
+    weights = {k: v for k, v in {"rec": rec_weight, "seg": seg_weight, "sep": sep_weight, "pi": pi,
+                                 "sep_margin": sep_margin}.items() if v is not None}
     if preset is not None and preset not in PRESETS:
         _fail(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
     for name, value in (("--steps", steps), ("--batch-size", batch_size),
@@ -83,6 +100,10 @@ def train(
                         ("--threads", threads)):
         if value is not None and value < 1:
             _fail(f"{name} must be at least 1, got {value}")
+    for name, value in (("--sep-weight", sep_weight), ("--sep-margin", sep_margin),
+                        ("--pi", pi)):
+        if value is not None and value < 0:
+            _fail(f"{name} must not be negative, got {value}")
     for name, value in (("--lr", lr), ("--min-lr", min_lr), ("--minutes", minutes)):
         if value is not None and not value > 0:
             _fail(f"{name} must be positive, got {value}")

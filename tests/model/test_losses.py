@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import preset
-from model.losses import DecompositionLoss, LossWeights, downsample_labels
+from model.losses import DecompositionLoss, LossWeights, RetrievalMargin, downsample_labels
 from model.network import DecompositionNet, DecompositionOutput
 from model.quantizer import Quantized
 
@@ -364,3 +364,94 @@ def test_null_code_terms_pull_normal_positions_to_zero_and_push_lesion_positions
     assert torch.allclose(terms["commit_abn_lesion"], expected_commit.detach(), rtol=1e-5)
     expected_dis = 1e6 - z[0, :, 0, 0].pow(2).sum()  # the hinge at the one lesion cell
     assert torch.allclose(terms["dis"], expected_dis, rtol=1e-5)
+
+
+def test_null_code_by_slice_pulls_every_position_of_a_lesion_free_slice_only():
+    import dataclasses
+
+    torch.manual_seed(0)
+    net = DecompositionNet(dataclasses.replace(preset("tiny"), abnormal_null_code=True)).train()
+    image = torch.rand(2, 1, 256, 256)
+    target = torch.zeros(2, 256, 256, dtype=torch.long)
+    target[0, :32, :32] = 2  # slice 0 has a lesion in one cell; slice 1 has none
+    out = net(image)
+    criterion = DecompositionLoss(LossWeights(beta=1.0, pi=1e6), null_code=True,
+                                  null_by_slice=True)
+    _, terms = criterion(out, image, target)
+    z = out.abnormal_pre.detach()
+    # Every position of slice 0 commits to its code and is held pi from the null code, the
+    # lesion-free cells included; every position of slice 1 is pulled to the null code, in
+    # L_dis at the hinge's scale.
+    expected_commit = (out.abnormal.distance[0] / z.shape[1]).mean()
+    expected_lat = out.normal.commitment + expected_commit
+    assert torch.allclose(terms["lat"], expected_lat.detach(), rtol=1e-5)
+    expected_dis = (1e6 - z[0].pow(2).sum(0)).mean() + z[1].pow(2).sum(0).mean()
+    assert torch.allclose(terms["dis"], expected_dis, rtol=1e-5)
+
+
+def _codes(*rows: list[float]) -> torch.Tensor:
+    """(B, 1, 1, N) codes from rows of numbers."""
+    return torch.tensor(rows, dtype=torch.float32)[:, None, None, :]
+
+
+def test_retrieval_margin_is_zero_when_every_ranking_holds_with_its_margin():
+    margin = RetrievalMargin(k=1, margin=0.5)
+    # Two lesion slices near each other, two clean ones near each other, far apart.
+    codes = _codes([0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0])
+    lesion = torch.tensor([True, True, False, False])
+    cost = margin(codes, lesion, torch.arange(4))
+    assert float(cost) == 0.0
+
+
+def test_retrieval_margin_costs_a_wrong_status_neighbour_nearer_than_the_kth_right_one():
+    margin = RetrievalMargin(k=1, margin=0.0)
+    # Slice 0 (lesion) lies next to clean slice 2 and far from lesion slice 1.
+    codes = _codes([0.0, 0.0], [3.0, 0.0], [1.0, 0.0], [4.0, 0.0]).requires_grad_()
+    lesion = torch.tensor([True, True, False, False])
+    cost = margin(codes, lesion, torch.arange(4))
+    # Mean squared differences over N = 2: slice 0's nearest lesion d_k = 4.5, clean 0.5:
+    # relu(1 - 0.5 / 4.5); the others' costs follow the same rule.
+    d = torch.cdist(codes.detach().flatten(1), codes.detach().flatten(1)).pow(2) / 2
+    expected = []
+    for i in range(4):
+        same = [j for j in range(4) if j != i and lesion[j] == lesion[i]]
+        other = [j for j in range(4) if lesion[j] != lesion[i]]
+        d_k = min(d[i, j] for j in same)
+        expected.append(max(0.0, float(1 - min(d[i, j] for j in other) / d_k)))
+    assert cost.item() == pytest.approx(sum(expected) / 4, rel=1e-4)
+    assert cost.item() > 0
+    cost.backward()
+    # Lowering the cost moves slice 0 away from the clean slice 2 (towards negative x).
+    assert codes.grad[0, 0, 0, 0] > 0
+
+
+def test_retrieval_margin_ignores_the_query_patients_own_slices_and_keeps_a_bank():
+    margin = RetrievalMargin(k=1, margin=0.0, bank_size=3)
+    codes = _codes([0.0, 0.0], [0.1, 0.0], [0.2, 0.0])
+    lesion = torch.tensor([True, True, False])
+    # Slices 0 and 1 are one patient: slice 0 has no other-patient lesion slice, no cost;
+    # slice 2 (clean, patient 1) has no other clean slice, no cost.
+    assert float(margin(codes, lesion, torch.tensor([0, 0, 1]))) == 0.0
+    assert margin.codes.shape == (3, 2) and margin.lesion.tolist() == [True, True, False]
+    # The next batch sees the bank: a lesion slice of patient 2 at the banked clean slice.
+    cost = margin(_codes([0.2, 0.0]), torch.tensor([True]), torch.tensor([2]))
+    assert float(cost) > 0
+    assert margin.codes.shape == (3, 2)  # the bank keeps its size, newest first
+    assert margin.patient.tolist() == [2, 0, 0]
+
+
+def test_total_includes_the_weighted_retrieval_margin_only_when_it_is_on():
+    torch.manual_seed(0)
+    model = DecompositionNet(preset("tiny"))
+    x = torch.rand(4, 1, 256, 256)
+    target = torch.zeros(4, 256, 256, dtype=torch.long)
+    target[:2, 80:120, 80:120] = 2
+    out = model(x)
+    plain_total, plain = DecompositionLoss(LossWeights(rec=5.0))(out, x, target)
+    assert "sep" not in plain
+    on = DecompositionLoss(LossWeights(rec=5.0, sep=2.0))
+    with pytest.raises(ValueError, match="patient numbers"):
+        on(out, x, target)
+    total, terms = on(out, x, target, torch.arange(4))
+    assert float(total) == pytest.approx(float(plain_total) + 2.0 * float(terms["sep"]),
+                                         rel=1e-5)

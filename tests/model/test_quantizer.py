@@ -285,3 +285,18 @@ def test_null_code_stays_zero_through_init_ema_and_restarts():
     out = vq.eval()(torch.zeros(1, 4, 1, 1))
     assert out.indices.item() == 0
     assert vq.codebook[1:].mean() > 3
+
+
+def test_reset_null_code_turns_row_zero_of_a_learnt_codebook_into_the_null_code():
+    torch.manual_seed(0)
+    learnt = VectorQuantizer(16, 4).train()
+    learnt(torch.randn(2, 4, 3, 3))  # data init: row 0 is some encoder output
+    vq = VectorQuantizer(16, 4, null_code=True)
+    vq.load_state_dict(learnt.state_dict())
+    assert vq.codebook[0].abs().sum() > 0
+    vq.reset_null_code()
+    assert torch.equal(vq.codebook[0], torch.zeros(4))
+    assert torch.equal(vq.codebook[1:], learnt.codebook[1:])
+    assert vq(torch.zeros(1, 4, 1, 1)).indices.item() == 0
+    with pytest.raises(ValueError, match="no null code"):
+        learnt.reset_null_code()

@@ -185,3 +185,49 @@ def test_model_config_travels_in_checkpoint(full_run):
     payload = read_checkpoint(out)
     net = DecompositionNet(preset("tiny"))
     net.load_state_dict(payload["model"])
+
+
+def test_warm_start_begins_from_the_checkpoints_weights(cohort, full_run, tmp_path):
+    out, _ = full_run
+    warm = tmp_path / "warm.pt"
+    train([cohort], warm, _config(steps=4, init_from=str(out)), progress=False)
+    # The step-0 evaluation of the warm run is the source's last one: same weights, same slices.
+    assert _records(warm)[0]["held_out"] == _records(out)[-1]["held_out"]
+    payload = read_checkpoint(warm)
+    assert payload["step"] == 4 and payload["train_config"]["init_from"] == str(out)
+    with pytest.raises(TrainingError, match="cannot start from .*is a 'tiny' checkpoint, "
+                                            "this run trains 'small'"):
+        train([cohort], tmp_path / "other.pt", _config(preset="small", init_from=str(out)),
+              progress=False)
+    with pytest.raises(TrainingError, match="cannot start from .*not found"):
+        train([cohort], tmp_path / "none.pt", _config(init_from=str(tmp_path / "missing.pt")),
+              progress=False)
+
+
+def test_retrieval_margin_run_logs_its_term_and_resumes_exactly(cohort, tmp_path):
+    config = _config(weights=LossWeights(rec=5.0, sep=1.0))
+    whole, part = tmp_path / "whole.pt", tmp_path / "part.pt"
+    train([cohort], whole, config, progress=False)
+    assert _records(whole)[-1]["train_loss"]["sep"] >= 0
+    assert read_checkpoint(whole)["margin_bank"]["codes"].shape[0] > 0
+    train([cohort], part, config, progress=False, minutes=1e-9)
+    train([cohort], part, config, progress=False, resume=True)
+    # The bank of recent codes travels in the checkpoint: the split run is the same run.
+    a, b = read_checkpoint(whole)["model"], read_checkpoint(part)["model"]
+    for name, tensor in a.items():
+        assert torch.allclose(b[name].float(), tensor.float(), atol=1e-5), name
+
+
+def test_null_by_slice_run_warm_started_from_a_run_without_null_code(cohort, full_run,
+                                                                     tmp_path):
+    out, _ = full_run
+    warm = tmp_path / "null.pt"
+    train([cohort], warm, _config(steps=4, init_from=str(out), null_code=True,
+                                  null_by_slice=True), progress=False)
+    payload = read_checkpoint(warm)
+    assert payload["config"]["abnormal_null_code"] is True
+    assert payload["train_config"]["null_by_slice"] is True
+    book = payload["model"]["abnormal_quantizer.codebook"]
+    assert torch.equal(book[0], torch.zeros_like(book[0]))  # row 0 became the null code
+    source = read_checkpoint(out)["model"]["abnormal_quantizer.codebook"]
+    assert not torch.equal(source[0], torch.zeros_like(source[0]))
