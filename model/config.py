@@ -46,6 +46,10 @@ class ModelConfig:
     # abnormality are trained to it and lesion positions away from it (model/losses.py), so every
     # lesion-free position has one and the same abnormal code. Off in the paper.
     abnormal_null_code: bool = False
+    # Not in the paper: the abnormal code times a slice-level gate in (0, 1) read from the
+    # trunk's globally pooled features (model/encoder.py). A code position sees only its part
+    # of the slice; the gate lets a lesion anywhere decide the code at every position.
+    abnormal_gate: bool = False
 
     def __post_init__(self) -> None:
         self.encoder_widths = tuple(self.encoder_widths)

@@ -6,6 +6,7 @@ Table A.1 names the layers but not their normalization or shortcut; we use ResNe
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -62,6 +63,14 @@ class Encoder(nn.Module):
         # Table A.1, row 'Split [3x3 64], [3x3 64]'.
         self.normal_head = nn.Conv2d(width, config.code_dim, kernel_size=3, padding=1)
         self.abnormal_head = nn.Conv2d(width, config.code_dim, kernel_size=3, padding=1)
+        self.abnormal_gate: nn.Linear | None = None
+        if config.abnormal_gate:
+            # Global max and mean of each trunk channel -> one gate per slice. Zero weights and
+            # a bias of 6 open it to sigmoid(6) = 0.998, so a warm start begins where its
+            # source was.
+            self.abnormal_gate = nn.Linear(2 * width, 1)
+            nn.init.zeros_(self.abnormal_gate.weight)
+            nn.init.constant_(self.abnormal_gate.bias, 6.0)
 
     def trunk(self, x: Tensor) -> Tensor:
         """The shared features before the split: (B, 1, S, S) -> (B, 512, 8, 8)."""
@@ -75,4 +84,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.trunk(x)  # (B, 512, 8, 8)
-        return self.normal_head(h), self.abnormal_head(h)  # (B, 64, 8, 8) each
+        abnormal = self.abnormal_head(h)  # (B, 64, 8, 8)
+        if self.abnormal_gate is not None:
+            pooled = torch.cat([h.amax((2, 3)), h.mean((2, 3))], 1)  # (B, 2 x 512)
+            abnormal = abnormal * torch.sigmoid(self.abnormal_gate(pooled))[:, :, None, None]
+        return self.normal_head(h), abnormal  # (B, 64, 8, 8) each

@@ -67,6 +67,7 @@ class TrainConfig:
     # to the other codes, so in the abnormal space every lesion-free slice is one point, far
     # from every slice with a lesion (model/losses.py, ``null_by_slice``).
     null_by_slice: bool = False
+    abnormal_gate: bool = False  # ModelConfig.abnormal_gate: a slice-level gate on the code
     # Warm start: the model weights of this checkpoint (an exported or a training one); the
     # optimizer, the schedule and the step start afresh. None: He initialisation.
     init_from: str | None = None
@@ -218,10 +219,15 @@ def _warm_start(model: DecompositionNet, path: Path, preset: str) -> None:
         raise TrainingError(f"cannot start from {path}: it is a '{state['preset']}' "
                             f"checkpoint, this run trains '{preset}'")
     try:
-        model.load_state_dict(state["model"])
+        # Layers the source lacks and this run adds (the abnormal gate) keep their init.
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
     except RuntimeError as exc:
         raise TrainingError(f"cannot start from {path}: its weights do not fit the "
                             f"'{preset}' model ({str(exc).splitlines()[0]})") from exc
+    misfit = [k for k in missing if not k.startswith("encoder.abnormal_gate.")] + unexpected
+    if misfit:
+        raise TrainingError(f"cannot start from {path}: its weights do not fit the "
+                            f"'{preset}' model ({', '.join(misfit[:4])})")
     if model.config.abnormal_null_code:  # a source trained without one: row 0 becomes it
         model.abnormal_quantizer.reset_null_code()
 
@@ -267,7 +273,8 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
     fingerprint = data_fingerprint(
         [(c.pid, [f for f in (c.t1ce, c.seg) if f is not None]) for c in cases])
     model_config = dataclasses.replace(model_preset(config.preset),
-                                       abnormal_null_code=config.null_code)
+                                       abnormal_null_code=config.null_code,
+                                       abnormal_gate=config.abnormal_gate)
     state = None
     if resume and out.exists():
         state = _resume_state(out, config, fingerprint)

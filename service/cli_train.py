@@ -66,6 +66,10 @@ def train(
     sep_margin: Annotated[float | None, typer.Option(
         help="Its margin: a wrong-status neighbour must lie (1 + margin) x farther than the "
              "5th right one (default 0.5).")] = None,
+    abnormal_gate: Annotated[bool | None, typer.Option(
+        "--abnormal-gate/--no-abnormal-gate",
+        help="A slice-level gate on the abnormal code, from globally pooled features "
+             "(default off).")] = None,
     null_by_slice: Annotated[bool | None, typer.Option(
         "--null-by-slice/--null-by-position",
         help="With --null-code: lesion-free slices take the null code at every position, "
@@ -89,6 +93,7 @@ def train(
         "eval_slices": eval_slices, "seed": seed,
         "val_fraction": val_fraction, "augment": augment, "lesion_codebook": lesion_codebook,
         "null_code": null_code, "null_by_slice": null_by_slice,
+        "abnormal_gate": abnormal_gate,
         "init_from": None if init_from is None else str(init_from),
         "bf16": bf16, "channels_last": channels_last}.items() if v is not None}
     weights = {k: v for k, v in {"rec": rec_weight, "seg": seg_weight, "sep": sep_weight, "pi": pi,

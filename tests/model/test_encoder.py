@@ -63,3 +63,30 @@ def test_every_preset_gives_the_same_code_shape(name):
 def test_encoder_rejects_other_inputs_by_shape(shape):
     with pytest.raises(ValueError, match=r"\(B, 1, 256, 256\)"):
         Encoder(preset("tiny"))(torch.rand(*shape))
+
+
+def test_abnormal_gate_starts_open_and_scales_the_whole_code_of_a_slice():
+    import dataclasses
+
+    torch.manual_seed(0)
+    plain = Encoder(preset("tiny")).eval()
+    gated = Encoder(dataclasses.replace(preset("tiny"), abnormal_gate=True)).eval()
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert set(missing) == {"abnormal_gate.weight", "abnormal_gate.bias"} and not unexpected
+    x = torch.rand(3, 1, 256, 256)
+    with torch.no_grad():
+        normal, abnormal = plain(x)
+        g_normal, g_abnormal = gated(x)
+        assert torch.equal(g_normal, normal)  # the normal code does not pass the gate
+        open_gate = torch.sigmoid(torch.tensor(6.0))
+        assert torch.allclose(g_abnormal, abnormal * open_gate, atol=1e-6)
+        # Each slice gets one gate from its own pooled features: closing it for slice 1 only
+        # zeroes slice 1's code at every position.
+        trunk = gated.trunk(x)
+        pooled = torch.cat([trunk.amax((2, 3)), trunk.mean((2, 3))], 1)
+        unit = (pooled[1] - pooled[0]) / (pooled[1] - pooled[0]).norm()
+        gated.abnormal_gate.weight[0] = -1e4 * unit  # logit: -1e4 x (side of the midpoint)
+        gated.abnormal_gate.bias.fill_(float(1e4 * unit @ (pooled[0] + pooled[1]) / 2))
+        _, closed = gated(x)
+        assert closed[1].abs().max() < 1e-6 * abnormal[1].abs().max() + 1e-6
+        assert torch.allclose(closed[0], abnormal[0], atol=1e-6)

@@ -218,14 +218,19 @@ def test_retrieval_margin_run_logs_its_term_and_resumes_exactly(cohort, tmp_path
         assert torch.allclose(b[name].float(), tensor.float(), atol=1e-5), name
 
 
-def test_null_by_slice_run_warm_started_from_a_run_without_null_code(cohort, full_run,
+def test_null_by_slice_and_gate_warm_started_from_a_run_without_them(cohort, full_run,
                                                                      tmp_path):
     out, _ = full_run
     warm = tmp_path / "null.pt"
     train([cohort], warm, _config(steps=4, init_from=str(out), null_code=True,
-                                  null_by_slice=True), progress=False)
+                                  null_by_slice=True, abnormal_gate=True), progress=False)
     payload = read_checkpoint(warm)
     assert payload["config"]["abnormal_null_code"] is True
+    assert payload["config"]["abnormal_gate"] is True  # the gate was added to the source's
+    assert payload["model"]["encoder.abnormal_gate.weight"].shape[0] == 1
+    with pytest.raises(TrainingError, match="weights do not fit .*abnormal_gate"):
+        train([cohort], tmp_path / "back.pt", _config(steps=4, init_from=str(warm)),
+              progress=False)
     assert payload["train_config"]["null_by_slice"] is True
     book = payload["model"]["abnormal_quantizer.codebook"]
     assert torch.equal(book[0], torch.zeros_like(book[0]))  # row 0 became the null code
