@@ -44,6 +44,10 @@ class Settings(BaseSettings):
                         description="Where the model runs: auto picks CUDA when present.")
     inference_workers: int = Field(
         1, ge=1, le=16, description="Model calls run at once (each on its own thread).")
+    reload_interval_s: float = Field(
+        1.0, ge=0, description="How often the server asks the catalogue for a new active "
+                               "generation (after `cbir index add/remove`) and loads it without "
+                               "a restart (seconds); 0: never, restart to serve a new one.")
 
     @property
     def max_upload_bytes(self) -> int:

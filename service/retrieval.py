@@ -1,10 +1,11 @@
-"""The retrieval engine the API serves: model, three FAISS indices and the catalogue, loaded once.
+"""The retrieval engine the API serves: one generation of an index, loaded whole.
 
 Nothing here knows HTTP. ``Retrieval.open`` loads an index directory's active generation and the
 checkpoint it was built with (refusing any other), and keeps in memory what every request needs:
-the codebooks, each slice's code indices, patient and label flags (for filters inside the FAISS
-search and for the per-position distance maps). Uploaded pixels live only in the arguments and
-return values of these methods.
+the codebooks, the three FAISS indices and the generation's view of the catalogue (each slice's
+code indices, patient, label flags and areas; ``service.catalogue_view``), so no request reads the
+catalogue. ``reopen`` loads a newer generation beside a served one (``service.live`` swaps them).
+Uploaded pixels live only in the arguments and return values of these methods.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import io
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,26 +23,34 @@ import faiss
 import numpy as np
 import torch
 from PIL import Image
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from indexer import store
-from indexer.build import DEFAULT_CHECKPOINT, codebooks_of
-from indexer.catalog import IndexBuild, Patient, Slice, active_build, decode_codes, open_catalog
+from indexer.catalog import active_build, open_catalog
 from indexer.layout import DIMS, LAYOUT_VERSION, SPACES, position_distances, space_vectors
-from model.checkpoint import CheckpointError, load_model
 from model.data.render import SEG_PALETTE, grey_rgb, overlay
+from service.catalogue_view import (
+    CatalogueChanged,
+    CatalogueView,
+    PatientRecord,
+    SliceRecord,
+    read_view,
+)
+from service.loading import (
+    GenerationRefused,
+    LoadedModel,
+    RetrievalError,
+    Source,
+    ThumbnailCache,
+    load_matching_checkpoint,
+    read_manifest,
+)
 from service.reference import Reference
 
 log = logging.getLogger(__name__)
 
 CLASS_TO_BRATS = np.array([0, 1, 2, 4], np.uint8)  # model class -> BraTS label (TC 1, ED 2, ET 4)
 BRATS_CLASSES = {"TC": 1, "ED": 2, "ET": 4}  # necrotic tumour core, edema, enhancing tumour
-THUMBNAIL_CACHE = 64  # patients whose slice images stay decoded in memory
-
-
-class RetrievalError(ValueError):
-    """The index cannot be served as asked; the message says why."""
 
 
 class NotFound(LookupError):
@@ -112,38 +120,40 @@ def overlay_png(image: np.ndarray, labels: np.ndarray) -> bytes:
 
 
 class Retrieval:
-    """Loaded once per process; every method is safe to call from several threads."""
+    """One generation of an index, loaded whole: its FAISS indices, its view of the catalogue,
+    and the model it was built with. Nothing in it changes after loading (``reopen`` loads a
+    newer generation beside it), so every method is safe to call from several threads and a
+    request that holds it answers from one generation throughout."""
 
-    def __init__(self, index_dir: Path, model, codebooks: dict[str, np.ndarray],
-                 indices: dict[str, faiss.Index], build: IndexBuild, engine,
-                 slice_ids: np.ndarray, slice_patient: np.ndarray, slice_index: np.ndarray,
-                 slice_abnormal: np.ndarray, codes: np.ndarray, patients: dict[int, tuple],
-                 device: torch.device, inference_workers: int = 1,
-                 model_note: str | None = None, eval_headline: dict | None = None):
-        self.index_dir = index_dir
-        self.model = model
-        self.codebooks = codebooks
+    def __init__(self, source: Source, model: LoadedModel, view: CatalogueView,
+                 indices: dict[str, faiss.Index]):
+        self.source = source
+        self.index_dir = source.index_dir
+        self.engine = source.engine
+        self.device = source.device
+        self.loaded_model = model
+        self.model = model.model
+        self.codebooks = model.codebooks
+        self.model_note = model.note
+        self.eval_headline = model.eval_headline
         self.indices = indices
         self.search_indices = {s: store.search_index(i) for s, i in indices.items()}
         self.faiss_gpu = faiss.get_num_gpus() > 0
-        self.build = build
-        self.engine = engine
-        self.slice_ids = slice_ids  # (N,) sorted
-        self.slice_patient = slice_patient  # (N,) internal patient id
-        self.slice_index = slice_index  # (N,) axial index
-        self.slice_abnormal = slice_abnormal  # (N,) int8: 1, 0, or -1 without labels
-        self.codes = codes  # (N, 2, 8, 8) uint16: normal, abnormal
-        self.patients = patients  # internal id -> (external id, has labels)
-        self.patient_by_external = {ext: pid for pid, (ext, _) in patients.items()}
-        self.device = device
-        self.model_note = model_note  # the checkpoint's note for users, if it has one
-        self.eval_headline = eval_headline  # its `cbir eval` headline figures, if it has them
-        self._inference = threading.Semaphore(inference_workers)
-        self._thumbs: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-        self._thumbs_lock = threading.Lock()
+        self.view = view
+        self.build = view.build
+        self.slice_ids = view.slice_ids  # (N,) sorted
+        self.slice_patient = view.slice_patient  # (N,) internal patient id
+        self.slice_index = view.slice_index  # (N,) axial index
+        self.slice_abnormal = view.slice_abnormal  # (N,) int8: 1, 0, or -1 without labels
+        self.codes = view.codes  # (N, 2, 8, 8) uint16: normal, abnormal
+        # internal id -> (external id, has labels)
+        self.patients = {pid: (p.external_id, p.has_labels) for pid, p in view.patients.items()}
+        self.patient_by_external = {ext: pid for pid, (ext, _) in self.patients.items()}
+        self._inference = source.inference
         self.slices_per_patient = int(np.bincount(
-            np.unique(slice_patient, return_inverse=True)[1]).max()) if len(slice_patient) else 0
-        self.reference = Reference.measure(codebooks, codes, slice_patient)
+            np.unique(self.slice_patient, return_inverse=True)[1]).max()) if len(
+            self.slice_patient) else 0
+        self.reference = Reference.measure(self.codebooks, self.codes, self.slice_patient)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -151,63 +161,58 @@ class Retrieval:
     def open(cls, index_dir: Path | str, db_url: str | None = None,
              checkpoint: Path | str | None = None, device: str = "auto",
              inference_workers: int = 1) -> Retrieval:
+        """The index directory's active generation."""
         index_dir = Path(index_dir)
-        try:
-            manifest = store.read_manifest(index_dir)
-        except store.IndexStoreError as exc:
-            raise RetrievalError(str(exc)) from exc
+        manifest = read_manifest(index_dir)
         url = db_url or manifest.get("db_url") or store.default_db_url(index_dir)
-        engine = open_catalog(url, migrate=False)
-        with Session(engine) as session:
-            try:
-                build = active_build(session)
-            except Exception as exc:  # no tables: a build never committed
-                raise RetrievalError(f"{index_dir}: the catalogue has no index build; run "
-                                     f"`cbir index build`") from exc
-            if build is None:
-                raise RetrievalError(f"{index_dir}: the catalogue has no active index build")
-            session.expunge(build)
-            rows = session.execute(
-                select(Slice.id, Slice.patient_id, Slice.slice_index, Slice.has_abnormality,
-                       Slice.normal_codes, Slice.abnormal_codes).order_by(Slice.id)).all()
-            patients = {
-                p.id: (p.external_id, bool(has))
-                for p, has in session.execute(select(
-                    Patient, func.count(Slice.has_abnormality)).outerjoin(Slice).group_by(
-                        Patient.id)).all()}
-        if build.layout_version != LAYOUT_VERSION:
-            raise RetrievalError(f"the index uses vector layout {build.layout_version}; this "
-                                 f"code reads layout {LAYOUT_VERSION}: rebuild the index")
         torch_device = torch.device(
             "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available())
             else "cpu")
-        model, ckpt = _load_matching_checkpoint(checkpoint, manifest, build, torch_device)
-        model_note = ckpt.get("note")
+        source = Source(index_dir=index_dir, engine=open_catalog(url, migrate=False),
+                        checkpoint=Path(checkpoint) if checkpoint else None, device=torch_device,
+                        inference=threading.Semaphore(inference_workers),
+                        thumbnails=ThumbnailCache(index_dir))
+        return cls._load(source, manifest, model=None)
+
+    def reopen(self) -> Retrieval:
+        """The generation the catalogue has active now, loaded beside this one, which keeps
+        serving meanwhile. Reuses the model when the new generation was built with the same
+        weights. ``GenerationRefused`` names the generation that could not be loaded."""
+        return self._load(self.source, None, model=self.loaded_model)
+
+    @classmethod
+    def _load(cls, source: Source, manifest: dict | None,
+              model: LoadedModel | None) -> Retrieval:
+        index_dir = source.index_dir
         try:
-            indices = store.read_generation(index_dir, build.generation)
-        except store.IndexStoreError as exc:
-            raise RetrievalError(str(exc)) from exc
-        n = len(rows)
-        codes = np.zeros((n, 2, 8, 8), np.uint16)
-        for i, r in enumerate(rows):
-            codes[i, 0] = decode_codes(r.normal_codes)
-            codes[i, 1] = decode_codes(r.abnormal_codes)
-        abnormal = np.array([-1 if r.has_abnormality is None else int(r.has_abnormality)
-                             for r in rows], np.int8)
-        retrieval = cls(
-            index_dir=index_dir, model=model, codebooks=codebooks_of(model), indices=indices,
-            build=build, engine=engine,
-            slice_ids=np.array([r.id for r in rows], np.int64),
-            slice_patient=np.array([r.patient_id for r in rows], np.int64),
-            slice_index=np.array([r.slice_index for r in rows], np.int64),
-            slice_abnormal=abnormal, codes=codes, patients=patients, device=torch_device,
-            inference_workers=inference_workers, model_note=model_note,
-            eval_headline=ckpt.get("eval_headline"))
-        problems = retrieval.consistency_problems()
-        if problems:
-            raise RetrievalError("index and catalogue disagree: " + "; ".join(problems))
-        log.info("serving generation %d: %d slices of %d patients, preset %s", build.generation,
-                 n, len(patients), build.preset)
+            view = read_view(source.engine)
+        except CatalogueChanged as exc:
+            raise RetrievalError(f"{index_dir}: {exc}") from exc
+        except Exception as exc:  # no tables: a build never committed
+            raise RetrievalError(f"{index_dir}: the catalogue has no index build; run "
+                                 f"`cbir index build`") from exc
+        if view is None:
+            raise RetrievalError(f"{index_dir}: the catalogue has no active index build")
+        build = view.build
+        try:
+            if build.layout_version != LAYOUT_VERSION:
+                raise RetrievalError(f"the index uses vector layout {build.layout_version}; this "
+                                     f"code reads layout {LAYOUT_VERSION}: rebuild the index")
+            if model is None or model.weights_sha256 != build.checkpoint_sha256:
+                model = load_matching_checkpoint(
+                    source.checkpoint, manifest or read_manifest(index_dir), build, source.device)
+            try:
+                indices = store.read_generation(index_dir, build.generation)
+            except store.IndexStoreError as exc:
+                raise RetrievalError(str(exc)) from exc
+            retrieval = cls(source, model, view, indices)
+            problems = retrieval.consistency_problems()
+            if problems:
+                raise RetrievalError("index and catalogue disagree: " + "; ".join(problems))
+        except RetrievalError as exc:
+            raise GenerationRefused(build.generation, str(exc)) from exc
+        log.info("loaded generation %d: %d slices of %d patients, preset %s", build.generation,
+                 len(view.slice_ids), len(view.patients), build.preset)
         return retrieval
 
     def consistency_problems(self) -> list[str]:
@@ -228,14 +233,16 @@ class Retrieval:
         return problems
 
     def active_generation(self) -> int | None:
-        """The generation the catalogue has active now (an add or remove since start-up moves it
-        past the one served; restarting the server loads the new one)."""
+        """The generation the catalogue has active now: past the one held after an add or
+        remove, until ``reopen`` loads it."""
         with Session(self.engine) as session:
             build = active_build(session)
             return None if build is None else build.generation
 
     def close(self) -> None:
+        """Closes what every generation of this process shares: call once, at shutdown."""
         self.engine.dispose()
+
 
     # -- the model -------------------------------------------------------------------------------
 
@@ -300,10 +307,12 @@ class Retrieval:
             if k_eff == 0:
                 return []
             if filtered or k_eff > 2048:
-                # The selector sees slice ids: IndexIDMap2 translates it to its internal rows.
+                # The selector sees slice ids (a flat index's IndexIDMap2 translates it to its
+                # rows; a codebook index holds the ids itself), in parameters of the index's kind.
                 # GPU indices take no selector (and no k over 2048): those run on the CPU copy.
-                params = (faiss.SearchParameters(sel=faiss.IDSelectorBatch(self.slice_ids[keep]))
-                          if filtered else None)
+                params = (store.search_parameters(
+                    self.indices[space], faiss.IDSelectorBatch(self.slice_ids[keep]))
+                    if filtered else None)
                 distances, ids = self.indices[space].search(query, k_eff, params=params)
             else:
                 distances, ids = self.search_indices[space].search(query, k_eff)
@@ -378,26 +387,22 @@ class Retrieval:
 
     # -- catalogue and images --------------------------------------------------------------------
 
-    def slice_row(self, slice_id: int) -> tuple[Slice, str]:
-        self._row(slice_id)
-        with Session(self.engine) as session:
-            row = session.get(Slice, slice_id)
-            if row is None:
-                raise NotFound(f"slice {slice_id} is not in the catalogue")
-            session.expunge(row)
-        return row, self.patients[row.patient_id][0]
+    def slice_row(self, slice_id: int) -> tuple[SliceRecord, str]:
+        """A slice's catalogue row and its patient's external id, as this generation holds
+        them (read at load, so a newer generation's changes never show here)."""
+        record = self.view.record(self._row(slice_id))
+        return record, self.patients[record.patient_id][0]
 
-    def patient(self, external_id: str) -> tuple[Patient, list[tuple[int, int, bool | None]]]:
+    def patient(self, external_id: str) -> tuple[PatientRecord,
+                                                 list[tuple[int, int, bool | None]]]:
+        """A patient's row and its slices (id, axial index, lesion flag) by axial index."""
         pid = self.patient_id(external_id)
-        with Session(self.engine) as session:
-            patient = session.get(Patient, pid)
-            if patient is None:
-                raise NotFound(f"patient {external_id!r} is not in the catalogue")
-            slices = session.execute(select(Slice.id, Slice.slice_index, Slice.has_abnormality)
-                                     .where(Slice.patient_id == pid)
-                                     .order_by(Slice.slice_index)).all()
-            session.expunge(patient)
-        return patient, [tuple(s) for s in slices]
+        rows = np.flatnonzero(self.slice_patient == pid)
+        rows = rows[np.argsort(self.slice_index[rows], kind="stable")]
+        slices = [(int(self.slice_ids[r]), int(self.slice_index[r]),
+                   None if self.slice_abnormal[r] < 0 else bool(self.slice_abnormal[r]))
+                  for r in rows]
+        return self.view.patients[pid], slices
 
     def has_labels(self, slice_id: int) -> bool:
         return self.patients[int(self.slice_patient[self._row(slice_id)])][1]
@@ -406,7 +411,13 @@ class Retrieval:
         """An indexed slice's image (256, 256) in [0, 1] and its BraTS labels, if any."""
         row = self._row(slice_id)
         pid, index = int(self.slice_patient[row]), int(self.slice_index[row])
-        thumbs = self._thumbnails(pid)
+        try:
+            thumbs = self.source.thumbnails.get(pid)
+        except FileNotFoundError:
+            # A newer generation removed the patient and its writer deleted the file while a
+            # request held this one: the patient is no longer in the index.
+            raise NotFound(f"patient {self.patients[pid][0]} was removed from the index after "
+                           f"this request started") from None
         at = np.flatnonzero(thumbs["slice_index"] == index)
         if at.size != 1:
             raise NotFound(f"slice {slice_id}: no stored image (thumbnails of patient "
@@ -415,45 +426,6 @@ class Retrieval:
         labels = thumbs["labels"][at[0]] if "labels" in thumbs else None
         return image, labels
 
-    def _thumbnails(self, pid: int) -> dict[str, np.ndarray]:
-        with self._thumbs_lock:
-            if pid in self._thumbs:
-                self._thumbs.move_to_end(pid)
-                return self._thumbs[pid]
-        try:
-            thumbs = store.read_thumbnails(self.index_dir, pid)
-        except FileNotFoundError:
-            raise NotFound(f"patient {self.patients[pid][0]} was removed from the index after "
-                           f"this server started; restart it to serve the current index") from None
-        with self._thumbs_lock:
-            self._thumbs[pid] = thumbs
-            while len(self._thumbs) > THUMBNAIL_CACHE:
-                self._thumbs.popitem(last=False)
-        return thumbs
-
     def counts(self) -> dict[str, int]:
         return {"patients": len(self.patients), "slices": len(self.slice_ids),
                 "abnormal_slices": int((self.slice_abnormal == 1).sum())}
-
-
-def _load_matching_checkpoint(checkpoint, manifest: dict, build: IndexBuild,
-                              device: torch.device):
-    """The model whose weights the index was built with: the given checkpoint, else the one the
-    manifest names, else the shipped default; anything else is refused."""
-    candidates = [Path(checkpoint)] if checkpoint else [
-        Path(p) for p in (manifest.get("checkpoint"), DEFAULT_CHECKPOINT) if p]
-    tried = []
-    for path in candidates:
-        if not path.is_file():
-            tried.append(f"{path} (not found)")
-            continue
-        try:
-            model, ckpt = load_model(path, device)
-        except CheckpointError as exc:
-            tried.append(str(exc))
-            continue
-        if ckpt["weights_sha256"] == build.checkpoint_sha256:
-            return model, ckpt
-        tried.append(f"{path} (weights {ckpt['weights_sha256'][:12]}, the index was built with "
-                     f"{build.checkpoint_sha256[:12]})")
-    raise RetrievalError("no checkpoint matching the index: " + "; ".join(tried))

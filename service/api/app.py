@@ -1,4 +1,5 @@
-"""The FastAPI application: ``create_app(settings)``; the index is loaded once, at start-up.
+"""The FastAPI application: ``create_app(settings)``; the index is loaded at start-up and
+reloaded when the catalogue's active generation changes (``service.live``).
 
 Uploads stay in memory: the body limit (``BodyLimit``) caps a request at CBIR_MAX_UPLOAD_MB and
 the multipart parser's spool threshold is raised above that cap, so an upload never rolls over
@@ -28,6 +29,7 @@ from service.api.metrics import Metrics
 from service.api.middleware import BodyLimit, RequestMetrics
 from service.api.routes import health, search, slices, web
 from service.config import Settings
+from service.live import Reloader
 from service.retrieval import Retrieval
 from service.uploads import DecodeBudget
 
@@ -95,9 +97,15 @@ def create_app(settings: Settings | None = None, retrieval: Retrieval | None = N
             app.state.retrieval = Retrieval.open(
                 settings.index_dir, db_url=settings.db_url, checkpoint=settings.checkpoint,
                 device=settings.device, inference_workers=settings.inference_workers)
+        reloader = app.state.reloader = Reloader(
+            get=lambda: app.state.retrieval,
+            put=lambda fresh: setattr(app.state, "retrieval", fresh),
+            interval_s=settings.reload_interval_s)
+        reloader.start()
         try:
             yield
         finally:
+            reloader.stop()
             if owned and app.state.retrieval is not None:
                 app.state.retrieval.close()
                 app.state.retrieval = None
@@ -106,7 +114,8 @@ def create_app(settings: Settings | None = None, retrieval: Retrieval | None = N
                          lifespan=lifespan, static_url="/static/docs",
                          favicon_url="data:,", swagger_ui_parameters={"validatorUrl": None})
     app.state.settings = settings
-    app.state.retrieval = retrieval
+    app.state.retrieval = retrieval  # replaced whole when a new generation is loaded
+    app.state.reloader = None
     app.state.load_error = "the server is starting"
     app.state.metrics = Metrics()
     app.state.decode_budget = DecodeBudget(settings.decode_memory_bytes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Path, Request, Security
+from fastapi import Depends, HTTPException, Path, Request, Response, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.config import Settings
@@ -19,10 +19,14 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_retrieval(request: Request) -> Retrieval:
+def get_retrieval(request: Request, response: Response) -> Retrieval:
+    """The generation served when the request starts; the request keeps it to the end, however
+    many newer ones are swapped in meanwhile (``service.live``). JSON answers name it in the
+    ``X-Index-Generation`` header."""
     retrieval = request.app.state.retrieval
     if retrieval is None:
         raise HTTPException(503, detail=f"the index is not loaded: {request.app.state.load_error}")
+    response.headers["X-Index-Generation"] = str(retrieval.build.generation)
     return retrieval
 
 

@@ -191,5 +191,11 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready"]
-    generation: int
+    generation: int = Field(description="The generation served.")
     slices: int
+    active_generation: int | None = Field(
+        description="The catalogue's active generation: past the one served for the second or "
+                    "so a new one takes to load, or while it is refused.")
+    refused: str | None = Field(
+        None, description="Why the active generation could not be loaded (the one served "
+                          "keeps serving until another generation becomes active).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 
@@ -13,7 +14,8 @@ def test_health_and_readiness(client, retrieval):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready == {"status": "ready", "generation": retrieval.build.generation,
-                     "slices": len(retrieval.slice_ids)}
+                     "slices": len(retrieval.slice_ids),
+                     "active_generation": retrieval.build.generation, "refused": None}
 
 
 def test_readiness_fails_when_index_and_catalogue_disagree(service_index):
@@ -73,9 +75,10 @@ def test_healthz_answers_while_searches_run(live_server, indexed_png):
     assert answered_while_busy >= 1
 
 
-def test_readiness_reports_an_index_changed_on_disk(synth_cohort, tiny_checkpoint, tmp_path):
-    """A patient removed while serving: /readyz asks for a restart, its images get a 404 that
-    says why, and a restarted server no longer returns the patient."""
+def test_a_patient_removed_while_serving_is_gone_within_seconds(synth_cohort, tiny_checkpoint,
+                                                                tmp_path):
+    """A patient removed while serving: the server loads the new generation by itself, stays
+    ready, and no longer returns the patient, its slices or its images."""
     from fastapi.testclient import TestClient
 
     from indexer.build import Indexer
@@ -84,19 +87,23 @@ def test_readiness_reports_an_index_changed_on_disk(synth_cohort, tiny_checkpoin
 
     index = tmp_path / "index"
     Indexer(index).build([synth_cohort], checkpoint=tiny_checkpoint, progress=False, workers=0)
-    settings = Settings(index_dir=index)
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(Settings(index_dir=index, reload_interval_s=0.2))) as c:
+        before = c.get("/info").json()["generation"]
         sid = int(c.app.state.retrieval.slice_ids[0])
         victim = c.get(f"/slices/{sid}").json()
-        Indexer(index).remove([victim["patient_id"]])
-        r = c.get("/readyz")
-        assert r.status_code == 503 and "restart to load it" in r.json()["detail"]
-        r = c.get(f"/slices/{sid}/image.png")
-        assert r.status_code == 404 and "was removed from the index" in r.json()["detail"]
-    with TestClient(create_app(settings)) as c:
-        assert c.get("/readyz").status_code == 200
+        report = Indexer(index).remove([victim["patient_id"]])
+        deadline = time.monotonic() + 30
+        while c.get("/info").json()["generation"] == before:
+            assert c.get("/readyz").status_code == 200
+            assert time.monotonic() < deadline, "the new generation was not served"
+            time.sleep(0.1)
+        ready = c.get("/readyz").json()
+        assert ready["generation"] == ready["active_generation"] == report.generation
         assert c.get(f"/slices/{sid}").status_code == 404
+        assert c.get(f"/slices/{sid}/image.png").status_code == 404
         assert c.get(f"/patients/{victim['patient_id']}").status_code == 404
+        r = c.post(f"/slices/{int(c.app.state.retrieval.slice_ids[0])}/similar?k=100")
+        assert victim["patient_id"] not in {n["patient_id"] for n in r.json()["neighbors"]}
 
 
 def test_info_shows_the_checkpoint_note(service_index, tiny_checkpoint, tmp_path):

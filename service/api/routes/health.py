@@ -24,20 +24,28 @@ async def healthz() -> Health:
 @public.get("/readyz", response_model=Readiness, summary="Ready to search",
             responses={503: {"description": "Not loaded, or index and catalogue disagree"}})
 async def readyz(request: Request):
-    """Model, indices and catalogue loaded, every index holds exactly the catalogue's ids, and
-    the catalogue's active generation is the one loaded."""
+    """Model, indices and catalogue loaded and every index holding exactly the catalogue's ids.
+
+    A server that follows the catalogue (CBIR_RELOAD_INTERVAL_S > 0) stays ready while it loads
+    a new generation and when it refuses one (it keeps serving the one it holds: `refused` says
+    why); one that does not is not ready once the catalogue's active generation moved on."""
     retrieval = request.app.state.retrieval
     if retrieval is None:
         return JSONResponse({"detail": f"not loaded: {request.app.state.load_error}"}, 503)
     problems = retrieval.consistency_problems()
     active = await run_in_threadpool(retrieval.active_generation)
-    if active != retrieval.build.generation:
+    reloader = request.app.state.reloader
+    following = reloader is not None and reloader.interval_s > 0
+    if active != retrieval.build.generation and not following:
         problems.append(f"the index changed on disk (generation {active} is active, this server "
                         f"holds {retrieval.build.generation}): restart to load it")
     if problems:
         return JSONResponse({"detail": "; ".join(problems)}, 503)
+    refused = reloader.refused if following else None
     return Readiness(status="ready", generation=retrieval.build.generation,
-                     slices=len(retrieval.slice_ids))
+                     slices=len(retrieval.slice_ids), active_generation=active,
+                     refused=f"generation {refused.generation}: {refused.reason}"
+                     if refused is not None and refused.generation == active else None)
 
 
 # HEAD answers like GET (status and headers; the server sends no body), for probes that use it.
