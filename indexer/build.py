@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 from sqlalchemy import delete, func, select
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from indexer import store
 from indexer.catalog import IndexBuild, Patient, Slice, active_build, encode_codes, open_catalog
-from indexer.layout import LAYOUT_VERSION, SPACES, space_vectors
+from indexer.layout import LAYOUT_VERSION, SPACES
 from model.checkpoint import load_model
 from model.data import preprocess
 from model.data.brats import Case, find_cases, load_case
@@ -43,6 +42,7 @@ class IndexReport:
 
     operation: str
     generation: int
+    kind: str = store.DEFAULT_KIND
     patients_added: list[str] = field(default_factory=list)
     patients_removed: list[str] = field(default_factory=list)
     slices_added: int = 0
@@ -50,7 +50,8 @@ class IndexReport:
     encode_seconds: float = 0.0
     total_slices: int = 0
     total_patients: int = 0
-    bytes_per_slice: dict[str, int] = field(default_factory=dict)
+    bytes_per_slice: dict[str, int] = field(default_factory=dict)  # store.slice_bytes
+    fixed_bytes: dict[str, int] = field(default_factory=dict)  # the rest of each file
     index_bytes: int = 0
 
     @property
@@ -207,9 +208,11 @@ class Indexer:
 
     # -- opening -------------------------------------------------------------------------------
 
-    def _manifest(self, create: bool, checkpoint: Path | None) -> dict:
+    def _manifest(self, create: bool, checkpoint: Path | None,
+                  kind: str = store.DEFAULT_KIND) -> dict:
         if create:
-            manifest = {"db_url": self.db_url, "checkpoint": str(Path(checkpoint).resolve())}
+            manifest = {"db_url": self.db_url, "checkpoint": str(Path(checkpoint).resolve()),
+                        "kind": kind}
             store.write_manifest(self.index_dir, manifest)
             return manifest
         manifest = store.read_manifest(self.index_dir)
@@ -222,12 +225,17 @@ class Indexer:
 
     # -- operations ----------------------------------------------------------------------------
 
-    def build(self, data: list[Path], checkpoint: Path | None = None, **kw) -> IndexReport:
-        """A new index from cohort folders; refuses a directory that already holds one.
+    def build(self, data: list[Path], checkpoint: Path | None = None,
+              kind: str = store.DEFAULT_KIND, **kw) -> IndexReport:
+        """A new index of ``kind`` (``store.KINDS``) from cohort folders; refuses a directory
+        that already holds one.
 
         A directory left by a build that never committed (killed, or failed) is built afresh.
         Nothing is written before the data folders and the checkpoint have been checked.
         """
+        if kind not in store.KINDS:
+            raise store.IndexStoreError(f"unknown index kind {kind!r}: use one of "
+                                        f"{', '.join(store.KINDS)}")
         checkpoint = Path(checkpoint or DEFAULT_CHECKPOINT)
         cases, skipped = _scan([Path(d) for d in data])
         model, ckpt = self._load_model(checkpoint)
@@ -235,21 +243,28 @@ class Indexer:
             raise store.IndexStoreError(
                 f"{self.index_dir} already holds an index: use `cbir index add` to extend it")
         with store.writer_lock(self.index_dir):
-            self._manifest(create=True, checkpoint=checkpoint)
+            self._manifest(create=True, checkpoint=checkpoint, kind=kind)
             return self._change(model, ckpt, cases, skipped, replace=False, operation="build",
-                                **kw)
+                                kind=kind, **kw)
 
     def add(self, data: list[Path], checkpoint: Path | None = None, replace: bool = False,
-            **kw) -> IndexReport:
+            kind: str | None = None, **kw) -> IndexReport:
+        """Add patients to the index, of the kind its manifest records; ``kind``, when given,
+        must be that one."""
         manifest = self._manifest(create=False, checkpoint=None)  # before creating anything
+        recorded = store.manifest_kind(manifest)
+        if kind is not None and kind != recorded:
+            raise store.IndexStoreError(
+                f"{self.index_dir} holds a {recorded} index (index.json); --kind {kind} "
+                f"conflicts with it: leave --kind out, or build a new index of kind {kind}")
         cases, skipped = _scan([Path(d) for d in data])
         model, ckpt = self._load_model(Path(checkpoint or manifest["checkpoint"]))
         with store.writer_lock(self.index_dir):
             return self._change(model, ckpt, cases, skipped, replace=replace,
-                                operation="replace" if replace else "add", **kw)
+                                operation="replace" if replace else "add", kind=recorded, **kw)
 
     def remove(self, pids: list[str]) -> IndexReport:
-        self._manifest(create=False, checkpoint=None)  # before creating anything
+        kind = store.manifest_kind(self._manifest(create=False, checkpoint=None))
         with store.writer_lock(self.index_dir):
             engine = self._engine()
             with Session(engine) as session:
@@ -263,7 +278,7 @@ class Indexer:
                     Slice.patient_id.in_([p.id for p in patients]))).all(), dtype=np.int64)
                 indices = store.read_generation(self.index_dir, current.generation)
                 for space in SPACES:
-                    indices[space].remove_ids(faiss.IDSelectorBatch(ids))
+                    store.remove_ids(indices[space], ids)
                 gen = current.generation + 1
                 store.write_generation(self.index_dir, gen, indices)
                 removed_ids = [p.id for p in patients]
@@ -273,6 +288,7 @@ class Indexer:
                                       current.preset, current.next_patient_id,
                                       current.next_slice_id)
                 report.patients_removed = sorted(pids)
+                report.kind = kind
             self._collect_garbage(engine)
             engine.dispose()
             return self._sizes(report, indices)
@@ -304,8 +320,8 @@ class Indexer:
             engine.dispose()
 
     def _change(self, model, ckpt: dict, cases: list[Case], skipped: list[tuple[str, str]],
-                replace: bool, operation: str, batch_size: int = 32, workers: int = 2,
-                progress: bool = True) -> IndexReport:
+                replace: bool, operation: str, kind: str, batch_size: int = 32,
+                workers: int = 2, progress: bool = True) -> IndexReport:
         engine = self._engine()
         with Session(engine) as session:
             current = active_build(session)
@@ -323,10 +339,14 @@ class Indexer:
                     f"re-encode them")
             next_patient = current.next_patient_id if current else 1
             next_slice = current.next_slice_id if current else 1
-            indices = (store.read_generation(self.index_dir, current.generation) if current
-                       else {s: store.empty_index(s) for s in SPACES})
             books = codebooks_of(model)
-            report = IndexReport(operation=operation, generation=0, skipped=list(skipped))
+            indices = (store.read_generation(self.index_dir, current.generation) if current
+                       else {s: store.empty_index(s, kind, books) for s in SPACES})
+            for space in SPACES:
+                if problem := store.kind_problem(indices[space], space, kind, books):
+                    raise store.IndexStoreError(f"cannot add to this index: {problem}")
+            report = IndexReport(operation=operation, generation=0, kind=kind,
+                                 skipped=list(skipped))
             new_patients: list[Patient] = []
             new_rows: list[Slice] = []
             started = time.perf_counter()
@@ -339,9 +359,7 @@ class Indexer:
                 rows = _slice_rows(pid, next_slice, item)
                 next_slice += len(rows)
                 ids = np.array([r.id for r in rows], dtype=np.int64)
-                vecs = space_vectors(books, item.normal_idx, item.abnormal_idx)
-                for space in SPACES:
-                    indices[space].add_with_ids(vecs[space], ids)
+                store.add_slices(indices, books, item.normal_idx, item.abnormal_idx, ids)
                 store.write_thumbnails(self.index_dir, pid, item.thumbnails)
                 new_patients.append(Patient(
                     id=pid, external_id=item.case.pid, source_path=str(item.case.t1ce),
@@ -356,7 +374,7 @@ class Indexer:
                 old_ids = np.array(session.scalars(select(Slice.id).where(
                     Slice.patient_id.in_([p.id for p in replaced]))).all(), dtype=np.int64)
                 for space in SPACES:
-                    indices[space].remove_ids(faiss.IDSelectorBatch(old_ids))
+                    store.remove_ids(indices[space], old_ids)
                 report.patients_removed = sorted(p.external_id for p in replaced)
             gen = (current.generation if current else 0) + 1
             store.write_generation(self.index_dir, gen, indices)  # before the commit
@@ -405,7 +423,7 @@ class Indexer:
         for space in SPACES:
             size = store.faiss_path(self.index_dir, space, report.generation).stat().st_size
             total += size
-            n = indices[space].ntotal
-            report.bytes_per_slice[space] = size // n if n else 0
+            report.bytes_per_slice[space] = store.slice_bytes(indices[space])
+            report.fixed_bytes[space] = size - indices[space].ntotal * report.bytes_per_slice[space]
         report.index_bytes = total
         return report

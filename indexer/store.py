@@ -1,9 +1,12 @@
-"""An index directory: three FAISS flat-L2 indices per generation, slice thumbnails, a catalogue.
+"""An index directory: three FAISS indices per generation, slice thumbnails, a catalogue.
 
     INDEX_DIR/
-      index.json                  format, catalogue URL (when not the default), checkpoint path
+      index.json                  format, kind, catalogue URL (when not the default), checkpoint
       catalog.sqlite              the default catalogue (SQLite)
-      faiss/<space>-<gen>.faiss   IndexIDMap2(IndexFlatL2) keyed by slice id, one per space
+      faiss/<space>-<gen>.faiss   one index per space keyed by slice id, of the directory's kind:
+                                  flat      IndexIDMap2(IndexFlatL2), the float vectors
+                                  codebook  the codes as an exact product quantizer
+                                            (``indexer.codebook``)
       slices/<patient id>.npz     the patient's indexed slices as 8-bit images and label maps
       .lock                       held by the one writer
 
@@ -29,13 +32,16 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexer.layout import DIMS, SPACES
+from indexer import codebook
+from indexer.layout import DIMS, SPACES, space_vectors
 from model.atomic import atomic_write
 
 FORMAT = "compositional-cbir/index"
 FAISS_DIR = "faiss"
 SLICES_DIR = "slices"
 _FAISS_NAME = re.compile(r"^(normal|abnormal|concat)-(\d+)\.faiss$")
+KINDS = ("flat", "codebook")
+DEFAULT_KIND = "flat"
 
 
 class IndexStoreError(ValueError):
@@ -55,6 +61,15 @@ def read_manifest(index_dir: Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise IndexStoreError(f"{path}: not a compositional-cbir index manifest")
     return manifest
+
+
+def manifest_kind(manifest: dict) -> str:
+    """The kind of index a directory holds; manifests written before kinds existed are flat."""
+    kind = manifest.get("kind", DEFAULT_KIND)
+    if kind not in KINDS:
+        raise IndexStoreError(f"index.json records kind {kind!r}; this code knows "
+                              f"{', '.join(KINDS)}")
+    return kind
 
 
 def write_manifest(index_dir: Path, manifest: dict) -> None:
@@ -81,8 +96,89 @@ def faiss_path(index_dir: Path, space: str, generation: int) -> Path:
     return Path(index_dir) / FAISS_DIR / f"{space}-{generation:06d}.faiss"
 
 
-def empty_index(space: str) -> faiss.Index:
-    return faiss.IndexIDMap2(faiss.IndexFlatL2(DIMS[space]))
+def empty_index(space: str, kind: str = DEFAULT_KIND,
+                codebooks: dict[str, np.ndarray] | None = None) -> faiss.Index:
+    """An empty index; the codebook kind needs the model's codebooks."""
+    if kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatL2(DIMS[space]))
+    if kind == "codebook":
+        if codebooks is None:
+            raise ValueError("a codebook index needs the model's codebooks")
+        return codebook.make_index(space, codebooks)
+    raise ValueError(f"unknown index kind {kind!r}: use one of {', '.join(KINDS)}")
+
+
+def index_kind(index: faiss.Index) -> str:
+    """``flat`` or ``codebook``, from the FAISS types the index is made of."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIVFPQ) and index.nlist == 1 and not index.by_residual:
+        return "codebook"
+    if isinstance(index, faiss.IndexIDMap2) and isinstance(
+            faiss.downcast_index(index.index), faiss.IndexFlatL2):
+        return "flat"
+    return type(index).__name__
+
+
+def add_slices(indices: dict[str, faiss.Index], codebooks: dict[str, np.ndarray],
+               normal_idx: np.ndarray, abnormal_idx: np.ndarray, ids: np.ndarray) -> None:
+    """Add slices, given by their code indices (B, 8, 8), to the three indices of one kind."""
+    kinds = {index_kind(indices[s]) for s in SPACES}
+    if kinds == {"flat"}:
+        vectors = space_vectors(codebooks, normal_idx, abnormal_idx)
+        for space in SPACES:
+            indices[space].add_with_ids(vectors[space], ids)
+    elif kinds == {"codebook"}:
+        codes = codebook.space_codes(normal_idx, abnormal_idx,
+                                     codebook.bits_of(indices[SPACES[0]]))
+        for space in SPACES:
+            codebook.add(indices[space], codes[space], ids)
+    else:
+        raise IndexStoreError(f"indices of mixed or unknown kinds: {sorted(kinds)}")
+
+
+def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
+    """Remove slices by id, keeping the order of the others. Returns how many were removed."""
+    ids = np.ascontiguousarray(ids, np.int64)
+    if index_kind(index) == "codebook":
+        return codebook.remove_ids(faiss.downcast_index(index), ids)
+    return index.remove_ids(faiss.IDSelectorBatch(ids))
+
+
+def stored_vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """The vectors an index holds for slice ``ids``, (len(ids), d)."""
+    if index_kind(index) == "codebook":
+        return codebook.decode(faiss.downcast_index(index), ids)
+    return np.stack([index.reconstruct(int(i)) for i in ids]) if len(ids) else \
+        np.zeros((0, index.d), np.float32)
+
+
+def kind_problem(index: faiss.Index, space: str, kind: str,
+                 codebooks: dict[str, np.ndarray]) -> str | None:
+    """Why ``index`` cannot be the ``space`` index of a ``kind`` index built with ``codebooks``
+    (the checkpoint's), or None."""
+    found = index_kind(index)
+    if found != kind:
+        return f"the {space} index is of kind {found}, index.json records {kind}"
+    if kind == "codebook" and not np.array_equal(
+            codebook.stored_centroids(faiss.downcast_index(index)),
+            codebook.centroids(space, codebooks)):
+        return f"the {space} index's centroids are not the checkpoint's codebooks"
+    return None
+
+
+def slice_bytes(index: faiss.Index) -> int:
+    """Bytes each slice adds to an index file: its vector (flat) or code (codebook), and its id.
+    A codebook index file also holds the codebooks, whatever its size."""
+    if index_kind(index) == "codebook":
+        return faiss.downcast_index(index).code_size + 8
+    return 4 * index.d + 8
+
+
+def search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """Parameters that restrict a search of ``index`` to the slice ids ``selector`` accepts."""
+    if index_kind(index) == "codebook":
+        return faiss.SearchParametersIVF(sel=selector, nprobe=1)
+    return faiss.SearchParameters(sel=selector)
 
 
 def write_generation(index_dir: Path, generation: int, indices: dict[str, faiss.Index]) -> None:
@@ -106,7 +202,9 @@ def read_generation(index_dir: Path, generation: int) -> dict[str, faiss.Index]:
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
-    """The slice ids held by an IndexIDMap2."""
+    """The slice ids an index holds."""
+    if index_kind(index) == "codebook":
+        return codebook.stored(faiss.downcast_index(index))[0]
     return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
 
 
@@ -160,8 +258,15 @@ def collect_garbage(index_dir: Path, active_generation: int | None,
     return removed
 
 
+_gpu_resources = None
+
+
 def search_index(index: faiss.Index) -> faiss.Index:
-    """The index to search with: moved to the GPU(s) only when FAISS sees one."""
-    if faiss.get_num_gpus() > 0:
-        return faiss.index_cpu_to_all_gpus(index)
-    return index
+    """The index to search with: a flat index moves to GPU 0 when FAISS sees one; the codebook
+    kind has no GPU version in FAISS and stays on the CPU."""
+    global _gpu_resources
+    if index_kind(index) != "flat" or faiss.get_num_gpus() == 0:
+        return index
+    if _gpu_resources is None:  # one set of GPU scratch memory and streams per process
+        _gpu_resources = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(_gpu_resources, 0, index)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
@@ -46,6 +47,7 @@ def verify(index_dir: Path | str, db_url: str | None = None,
     index_dir = Path(index_dir)
     problems: list[str] = []
     manifest, engine = _engine(index_dir, db_url)
+    kind = store.manifest_kind(manifest)
     if not _has_tables(engine):
         engine.dispose()
         return [NO_ACTIVE_BUILD]
@@ -84,6 +86,10 @@ def verify(index_dir: Path | str, db_url: str | None = None,
     present = set(catalogue_set)  # ids found in the catalogue and in every index
     for space in SPACES:
         index = indices[space]
+        if (found := store.index_kind(index)) != kind:
+            problems.append(f"{space} index is of kind {found}, index.json records {kind}")
+            present = set()  # its ids and vectors are not those of a {kind} index
+            continue
         if index.d != DIMS[space]:
             problems.append(f"{space} index has {index.d} dimensions, expected {DIMS[space]}")
         ids = store.index_ids(index)
@@ -109,15 +115,19 @@ def verify(index_dir: Path | str, db_url: str | None = None,
         problems.append(f"checkpoint {ckpt_path} has weights {ckpt['weights_sha256'][:12]}, the "
                         f"index was built with {current.checkpoint_sha256[:12]}")
         return problems
-    # Every stored vector equals the codebook lookup of the catalogue's code indices.
     books = codebooks_of(model)
+    for space in SPACES:
+        if store.index_kind(indices[space]) == kind == "codebook" and (
+                problem := store.kind_problem(indices[space], space, kind, books)):
+            problems.append(problem)
+    # Every stored vector equals the codebook lookup of the catalogue's code indices.
     common = [r for r in rows if r.id in present]
     if common:
         normal = np.stack([decode_codes(r.normal_codes) for r in common])
         abnormal = np.stack([decode_codes(r.abnormal_codes) for r in common])
         expected = space_vectors(books, normal, abnormal)
         for space in SPACES:
-            stored = np.stack([indices[space].reconstruct(int(r.id)) for r in common])
+            stored = store.stored_vectors(indices[space], np.array([r.id for r in common]))
             bad = np.flatnonzero(~np.all(stored == expected[space], axis=1))
             if bad.size:
                 problems.append(f"{space} index: {bad.size} vector(s) differ from the codes in "
@@ -126,9 +136,10 @@ def verify(index_dir: Path | str, db_url: str | None = None,
 
 
 def stats(index_dir: Path | str, db_url: str | None = None) -> dict:
-    """Patients, slices, abnormal fraction, sizes on disk."""
+    """Patients, slices, abnormal fraction, index kind, sizes on disk."""
     index_dir = Path(index_dir)
-    _, engine = _engine(index_dir, db_url)
+    manifest, engine = _engine(index_dir, db_url)
+    kind = store.manifest_kind(manifest)
     if not _has_tables(engine):
         engine.dispose()
         raise store.IndexStoreError(f"{index_dir}: {NO_ACTIVE_BUILD} (a build never "
@@ -143,21 +154,27 @@ def stats(index_dir: Path | str, db_url: str | None = None) -> dict:
             Slice.has_abnormality.is_not(None)))
         builds = session.scalar(select(func.count()).select_from(IndexBuild))
     engine.dispose()
-    sizes = {}
+    sizes, per_slice = {}, {}
     if current is not None:
         for space in SPACES:
-            sizes[space] = store.faiss_path(index_dir, space, current.generation).stat().st_size
+            path = store.faiss_path(index_dir, space, current.generation)
+            sizes[space] = path.stat().st_size
+            # A flat file is not read for its figure (16 KiB a slice); a codebook file is small.
+            per_slice[space] = (4 * DIMS[space] + 8 if kind == "flat" else
+                                store.slice_bytes(faiss.read_index(str(path))))
     thumbs = sum(p.stat().st_size for p in (index_dir / store.SLICES_DIR).glob("*.npz"))
     db = index_dir / "catalog.sqlite"
     return {
         "generation": current.generation if current else None,
+        "kind": kind,
         "checkpoint_sha256": current.checkpoint_sha256 if current else None,
         "preset": current.preset if current else None,
         "patients": patients,
         "slices": slices,
         "abnormal_fraction": abnormal / labelled if labelled else None,
         "index_bytes": sizes,
-        "bytes_per_slice": {s: (b // slices if slices else 0) for s, b in sizes.items()},
+        "bytes_per_slice": per_slice,  # store.slice_bytes
+        "fixed_bytes": {s: b - slices * per_slice[s] for s, b in sizes.items()},
         "thumbnail_bytes": thumbs,
         "catalog_bytes": db.stat().st_size if db.is_file() else None,
         "builds": builds,

@@ -31,6 +31,8 @@ DbOpt = Annotated[
     typer.Option("--db", help="Catalogue URL (default: SQLite inside the index directory)."),
 ]
 CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", help="Model checkpoint.")]
+KIND_HELP = ("flat: IndexFlatL2 of the float vectors; codebook: the code indices in an exact "
+             "product quantizer of the codebooks (same results, 72 B per slice and space).")
 
 
 @app.callback()
@@ -156,9 +158,17 @@ def _print_report(report) -> None:
         typer.echo(f"encoded {report.slices_added} slices in {report.encode_seconds:.1f} s "
                    f"({report.slices_per_s:.1f} slices/s)")
     per = ", ".join(f"{s} {b:,} B" for s, b in report.bytes_per_slice.items())
-    typer.echo(f"bytes per slice: {per}; index files {report.index_bytes / 2**20:.1f} MiB")
+    typer.echo(f"bytes per slice: {per}; index files {report.index_bytes / 2**20:.1f} MiB"
+               f"{_fixed_note(report.kind, report.fixed_bytes)}")
     for path, problem in report.skipped:
         typer.secho(f"skipped {path}: {problem}", fg=typer.colors.YELLOW)
+
+
+def _fixed_note(kind: str, fixed: dict[str, int]) -> str:
+    """A codebook index file holds the codebooks beside the codes, whatever the index's size."""
+    if kind != "codebook":
+        return f" ({kind} index)"
+    return f" (codebook index; {sum(fixed.values()) / 2**20:.1f} MiB of that the codebooks)"
 
 
 def _index_errors():
@@ -172,12 +182,13 @@ def _index_errors():
 def index_build(data: DataOpt, out: Annotated[Path, typer.Option(help="Index directory.")],
                 checkpoint: CheckpointOpt = None, db: DbOpt = None,
                 batch_size: Annotated[int, typer.Option(help="Slices per encode batch.")] = 32,
-                workers: Annotated[int, typer.Option(help="NIfTI reader processes.")] = 2) -> None:
+                workers: Annotated[int, typer.Option(help="NIfTI reader processes.")] = 2,
+                kind: Annotated[str, typer.Option(help=KIND_HELP)] = "flat") -> None:
     """Encode every brain slice of the cohorts into a new index directory."""
     from indexer.build import Indexer
 
     try:
-        report = Indexer(out, db).build(data, checkpoint, batch_size=batch_size,
+        report = Indexer(out, db).build(data, checkpoint, kind=kind, batch_size=batch_size,
                                         workers=workers)
     except _index_errors() as exc:
         _fail(str(exc))
@@ -189,12 +200,15 @@ def index_add(index: IndexOpt, data: DataOpt, checkpoint: CheckpointOpt = None,
               db: DbOpt = None,
               replace: Annotated[bool, typer.Option(help="Re-encode patients already in.")] = False,
               batch_size: Annotated[int, typer.Option(help="Slices per encode batch.")] = 32,
-              workers: Annotated[int, typer.Option(help="NIfTI reader processes.")] = 2) -> None:
+              workers: Annotated[int, typer.Option(help="NIfTI reader processes.")] = 2,
+              kind: Annotated[str | None, typer.Option(
+                  help="The index's kind (default: the one index.json records; another is "
+                       "refused).")] = None) -> None:
     """Add patients without re-encoding those already indexed."""
     from indexer.build import Indexer
 
     try:
-        report = Indexer(index, db).add(data, checkpoint, replace=replace,
+        report = Indexer(index, db).add(data, checkpoint, replace=replace, kind=kind,
                                         batch_size=batch_size, workers=workers)
     except _index_errors() as exc:
         _fail(str(exc))
@@ -219,17 +233,19 @@ def index_remove(index: IndexOpt,
 def index_verify(index: IndexOpt, db: DbOpt = None, checkpoint: CheckpointOpt = None) -> None:
     """Check catalogue, index files, thumbnails and checkpoint agree; exit 1 naming each
     inconsistency."""
+    from indexer.store import manifest_kind, read_manifest
     from indexer.verify import verify
 
     try:
         problems = verify(index, db, checkpoint)
+        kind = manifest_kind(read_manifest(index))
     except _index_errors() as exc:
         _fail(str(exc))
     for problem in problems:
         typer.secho(f"inconsistent: {problem}", fg=typer.colors.RED)
     if problems:
         raise typer.Exit(1)
-    typer.echo(f"{index}: consistent")
+    typer.echo(f"{index}: consistent ({kind} index)")
 
 
 @index_app.command("stats")
@@ -244,10 +260,11 @@ def index_stats(index: IndexOpt, db: DbOpt = None) -> None:
     frac = "n/a" if s["abnormal_fraction"] is None else f"{s['abnormal_fraction']:.1%}"
     typer.echo(f"generation {s['generation']} ({s['preset']}, checkpoint "
                f"{(s['checkpoint_sha256'] or '')[:12]}): {s['patients']} patients, "
-               f"{s['slices']} slices, {frac} with abnormality")
+               f"{s['slices']} slices, {frac} with abnormality; {s['kind']} index")
     for space, size in s["index_bytes"].items():
         typer.echo(f"  {space:>8}: {size / 2**20:.1f} MiB, {s['bytes_per_slice'][space]:,} "
-                   f"B per slice")
+                   f"B per slice" + (f" + {s['fixed_bytes'][space] / 2**20:.1f} MiB of "
+                                     f"codebooks" if s["kind"] == "codebook" else ""))
     typer.echo(f"  thumbnails {s['thumbnail_bytes'] / 2**20:.1f} MiB")
 
 

@@ -113,9 +113,8 @@ def assert_consistent(index_dir: Path, snap: Snapshot) -> None:
         assert snap.index_ids[space] == snap.ids(), f"{space} ids differ from the catalogue"
         size = store.faiss_path(index_dir, space, snap.generation).stat().st_size
         assert s["index_bytes"][space] == size
-        assert s["bytes_per_slice"][space] == (size // n if n else 0)
-        if n:
-            assert s["bytes_per_slice"][space] >= DIMS[space] * 4, s["bytes_per_slice"]
+        assert s["bytes_per_slice"][space] == DIMS[space] * 4 + 8, s["bytes_per_slice"]
+        assert 0 < s["fixed_bytes"][space] == size - n * s["bytes_per_slice"][space] < 1024
     for pid, (patient_id, *_rest, count, _added) in snap.patients.items():
         assert count == len(snap.slices[pid]), pid
         assert store.thumbnail_path(index_dir, patient_id).is_file(), pid
