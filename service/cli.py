@@ -149,6 +149,55 @@ def bench_service_cmd(
         _fail(str(exc))
 
 
+@bench_app.command("search")
+def bench_search_cmd(
+    size: Annotated[list[int] | None, typer.Option(
+        "--size", help="Slices per index (repeatable; default 10^5, 10^6, 10^7).")] = None,
+    space: Annotated[list[str] | None, typer.Option(
+        "--space", help="normal, abnormal or concat (repeatable; default all three).")] = None,
+    kind: Annotated[list[str] | None, typer.Option(
+        "--kind", help="flat or codebook (repeatable; default both).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Checkpoint whose codebooks the codes are drawn from (default: the shipped one).")]
+    = None,
+    queries: Annotated[int, typer.Option(help="Single queries per measurement (at most).")] = 50,
+    batch: Annotated[int, typer.Option(help="Queries per batched search.")] = 16,
+    seconds: Annotated[float, typer.Option(
+        help="Time per measurement beyond its first 5 queries and first batch.")] = 5.0,
+    threads: Annotated[int, typer.Option(help="FAISS (OpenMP) threads.")] = 1,
+    memory_gb: Annotated[float | None, typer.Option(
+        help="Build a flat index only if it fits in this (default: 80% of available memory).")]
+    = None,
+) -> None:
+    """Flat against codebook index on synthetic codes: build time, bytes per slice, resident
+    memory, p50/p95 of one query at k=10 and batched throughput, filters off and on."""
+    from indexer.bench_search import run, table
+    from indexer.build import DEFAULT_CHECKPOINT
+    from indexer.layout import SPACES
+    from indexer.store import KINDS
+    from model.checkpoint import CheckpointError
+
+    sizes = size or [10**5, 10**6, 10**7]
+    spaces, kinds = space or list(SPACES), kind or list(KINDS)
+    if bad := [s for s in spaces if s not in SPACES] + [k for k in kinds if k not in KINDS]:
+        _fail(f"unknown space or kind: {', '.join(bad)}")
+    for name, value, least in (("--size", min(sizes), 150), ("--queries", queries, 5),
+                               ("--batch", batch, 1), ("--threads", threads, 1)):
+        if value < least:
+            _fail(f"{name} must be at least {least}, got {value}")
+    try:
+        results = run(sizes, spaces, Path(checkpoint or DEFAULT_CHECKPOINT),
+                      kinds=[k for k in KINDS if k in kinds], n_queries=queries, batch=batch,
+                      budget_s=seconds, threads=threads,
+                      memory_bytes=None if memory_gb is None else int(memory_gb * 2**30),
+                      log=typer.echo)
+    except (CheckpointError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo("")
+    for line in table(results):
+        typer.echo(line)
+
+
 def _print_report(report) -> None:
     typer.echo(f"{report.operation}: generation {report.generation}; "
                f"{len(report.patients_added)} patients / {report.slices_added} slices added, "
