@@ -8,7 +8,12 @@ crash-safe write protocol.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,12 +131,24 @@ def encode_slices(model, images: np.ndarray, batch_size: int, device: torch.devi
     return np.concatenate(normal), np.concatenate(abnormal)
 
 
+def _die_with(parent: int, _worker_id: int) -> None:
+    """A reader process ends when the indexer does. One killed with SIGKILL would otherwise
+    leave its readers blocked for good on a full result pipe nobody reads, holding the writer
+    lock they inherited: every later `cbir index add/remove` was refused ("another
+    build/add/remove is running") until someone killed them."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the indexer died before the line above
+        os._exit(1)
+
+
 def encode_cases(model, cases: list[Case], batch_size: int = 32, workers: int = 2,
                  device: torch.device | None = None, progress: bool = True):
     """Yield ``EncodedPatient`` or ``(case, problem)`` per case, in order."""
     device = device or _device()
     loader = DataLoader(_PatientSlices(cases), batch_size=None, num_workers=workers,
-                        collate_fn=_identity, prefetch_factor=2 if workers else None)
+                        collate_fn=_identity, prefetch_factor=2 if workers else None,
+                        worker_init_fn=functools.partial(_die_with, os.getpid()))
     bar = tqdm(total=len(cases), desc="indexing", unit="patient", disable=not progress)
     slices = 0
     started = time.perf_counter()

@@ -256,6 +256,36 @@ def test_kill_during_add(moment, index_a, cohorts, tmp_path):
     _check_no_leftovers(d)
 
 
+def test_a_killed_add_leaves_no_reader_holding_the_lock(index_a, cohorts, tmp_path):
+    """kill -9 of the add's own process only (as the OOM killer or an operator does), with its
+    NIfTI reader processes running: they hold the writer lock they inherited, and must end with
+    it so that the next writer gets the lock."""
+    d = tmp_path / "index"
+    shutil.copytree(index_a, d)
+    log = tmp_path / "add.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "index", "add", "--index",
+                                 str(d), "--data", str(cohorts[B]), "--workers", "2"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    moment, deadline = _encoding(log, delay=0.05), time.monotonic() + RUN_LIMIT_S
+    while proc.poll() is None and not moment():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(POLL_S)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, log.read_text()
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with store.writer_lock(d):
+                break
+        except store.IndexStoreError:
+            assert time.monotonic() < deadline, "the killed add's readers still hold the lock"
+            time.sleep(0.1)
+    _index(d).add([cohorts[B]], **QUICK)
+    assert _check_readable(d, [{A, B}]) == {A, B}
+    _check_no_leftovers(d)
+
+
 @pytest.mark.parametrize("moment", ["first-file", "last-file", "gc"])
 def test_kill_during_remove(moment, index_ab, tmp_path):
     d = tmp_path / "index"
