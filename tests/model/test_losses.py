@@ -453,5 +453,5 @@ def test_total_includes_the_weighted_retrieval_margin_only_when_it_is_on():
     with pytest.raises(ValueError, match="patient numbers"):
         on(out, x, target)
     total, terms = on(out, x, target, torch.arange(4))
-    assert float(total) == pytest.approx(float(plain_total) + 2.0 * float(terms["sep"]),
+    assert total.item() == pytest.approx(plain_total.item() + 2.0 * terms["sep"].item(),
                                          rel=1e-5)
