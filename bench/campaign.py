@@ -327,13 +327,14 @@ class Campaign:
                          f"{waited}cleaned up, generation {after} served after {took:.1f} s")
 
     def _next_writer(self, args: list[str]) -> str:
-        """Run the killed writer's command again. The killed add's NIfTI reader processes
-        outlive it for a few seconds (PyTorch's loader workers notice a dead parent within
-        5 s) and hold the writer lock they inherited meanwhile, so a writer refused with
-        "another build/add/remove is running" waits and tries again, up to LOCK_WAIT_S.
-        Returns how long the lock kept it waiting, for the outcome."""
+        """Run the killed writer's command again. A writer refused with "another
+        build/add/remove is running" (the killed add's reader processes still holding the lock
+        they inherited, as they did for good before they died with it) waits and tries again,
+        up to LOCK_WAIT_S. Says how long the lock kept it waiting, for the outcome."""
         started = time.monotonic()
+        refused = 0
         while True:
+            attempt = time.monotonic()
             mark = self.log.stat().st_size
             if _cbir(*args, log=self.log).returncode == 0:
                 break
@@ -342,9 +343,12 @@ class Campaign:
                 busy = b"another build/add/remove is running" in fh.read()
             if not busy or time.monotonic() - started > LOCK_WAIT_S:
                 raise CheckFailed(f"the next writer (the same add) failed; see {self.log}")
+            refused += 1
             time.sleep(1.0)
-        waited = time.monotonic() - started
-        return f"(refused by the lock for {waited:.0f} s first) " if waited > 1.0 else ""
+        if not refused:
+            return ""
+        return (f"(refused by the lock {refused} time(s) over {attempt - started:.0f} s "
+                f"first) ")
 
     def fault_kill_serve(self, fault: Fault) -> None:
         fault.target = f"pid {self.server.proc.pid}"
