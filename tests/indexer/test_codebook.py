@@ -15,7 +15,6 @@ import faiss
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
 
 from indexer import codebook, store
 from indexer.build import Indexer, codebooks_of
@@ -23,11 +22,9 @@ from indexer.catalog import decode_codes
 from indexer.layout import DIMS, POSITIONS, SPACES, space_vectors
 from indexer.verify import stats, verify
 from model.checkpoint import load_model
-from service.cli import app
-from tests.indexer.test_build import make_mini_patient, snapshot
+from tests.indexer.test_build import invoke, make_mini_patient, snapshot
 
 K = 512
-runner = CliRunner()
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -263,14 +260,6 @@ def test_flat_search_on_the_gpu_equals_the_cpu():
 
 
 # -- the index directory -----------------------------------------------------------------------
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), (
-        f"unhandled {result.exception!r}\n{result.output}")
-    return result
 
 
 @pytest.fixture(scope="module")
