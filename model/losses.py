@@ -197,11 +197,13 @@ class DecompositionLoss(torch.nn.Module):
             hinge = F.relu(w.pi - dist_plus[~abnormal_slice])
             l_dis = hinge.mean() if hinge.numel() else dist_plus.sum() * 0.0
 
-        # eqs. (4)-(6)
-        l_seg = self.dice(out.logits, target.unsqueeze(1)) + F.cross_entropy(out.logits, target)
+        # eqs. (4)-(6). Every loss in fp32: under CUDA autocast the outputs arrive in bf16, and
+        # a loss of a bf16 input against an fp32 target fails in backward.
+        logits = out.logits.float()
+        l_seg = self.dice(logits, target.unsqueeze(1)) + F.cross_entropy(logits, target)
 
         # eqs. (7)-(9)
-        x_minus, x_plus = out.pseudo_normal, out.reconstruction
+        x_minus, x_plus = out.pseudo_normal.float(), out.reconstruction.float()
         l_rec_minus = self._l2_ssim(normal_region * x_minus, normal_region * image)
         l_rec_plus = self._l2_ssim(x_plus, image) + self._l2_ssim(mask * x_plus, mask * image)
         l_rec = l_rec_minus + l_rec_plus

@@ -381,10 +381,12 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
             # Augmentation, dead-code restarts and dropout-like draws: a function of the step.
             torch.manual_seed(config.seed * 1_000_003 + step)
             batch = _batch(dataset, items, patient_number)
+            # Augment where the model runs: on a GPU the resampling would otherwise bound the step.
+            batch = {k: v.to(device) for k, v in batch.items()}
             if config.augment:
                 batch = augment(batch, torch.Generator().manual_seed(config.seed * 7919 + step))
-            x = batch["image"].to(device).contiguous(memory_format=memory_format)
-            target = batch["abnormal"].to(device)
+            x = batch["image"].contiguous(memory_format=memory_format)
+            target = batch["abnormal"]
             lesion = None
             if config.lesion_codebook and config.null_code and not config.null_by_slice:
                 cells = model_config.code_size
@@ -396,7 +398,7 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
             t0 = time.monotonic()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 output = model(x, lesion=lesion)
-            loss, terms = criterion(output, x.float(), target, batch["patient"].to(device))
+            loss, terms = criterion(output, x.float(), target, batch["patient"])
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {step + 1}: lower the "
                                     f"learning rate (--lr)")

@@ -6,6 +6,8 @@ computed here by an independent formula rather than with the module's own arithm
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -455,3 +457,40 @@ def test_total_includes_the_weighted_retrieval_margin_only_when_it_is_on():
     total, terms = on(out, x, target, torch.arange(4))
     assert total.item() == pytest.approx(plain_total.item() + 2.0 * terms["sep"].item(),
                                          rel=1e-5)
+
+
+def _bf16_output() -> DecompositionOutput:
+    """The outputs as CUDA autocast hands them over: logits and images in bf16."""
+    out = _output(3)
+    return dataclasses.replace(out, logits=out.logits.bfloat16(),
+                               reconstruction=out.reconstruction.bfloat16(),
+                               pseudo_normal=out.pseudo_normal.bfloat16())
+
+
+def test_loss_terms_are_fp32_when_the_outputs_arrive_in_bf16():
+    """Under CUDA autocast the decoders' outputs are bf16; every term is computed in fp32 on
+    the same values (a bf16 input against an fp32 target fails in backward on CUDA)."""
+    image, target = torch.rand(B, 1, S, S), _target()
+    loss = DecompositionLoss(LossWeights(rec=5.0))
+    low = _bf16_output()
+    total, terms = loss(low, image, target)
+    assert all(v.dtype == torch.float32 for v in terms.values())
+    widened = dataclasses.replace(low, logits=low.logits.float(),
+                                  reconstruction=low.reconstruction.float(),
+                                  pseudo_normal=low.pseudo_normal.float())
+    reference, _ = loss(widened, image, target)
+    assert torch.equal(total, reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_bf16_autocast_training_step_runs_backward_on_cuda():
+    torch.manual_seed(0)
+    model = DecompositionNet(preset("tiny")).cuda().train()
+    x = torch.rand(2, 1, 256, 256, device="cuda")
+    target = torch.zeros(2, 256, 256, dtype=torch.int64, device="cuda")
+    target[0, 100:140, 100:140] = 2
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x, lesion=(target > 0).flatten(1).any(1))
+    total, _ = DecompositionLoss(LossWeights(rec=5.0))(out, x, target)
+    total.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
