@@ -83,9 +83,17 @@ class Encoder(nn.Module):
         return self.body(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.trunk(x)  # (B, 512, 8, 8)
+        normal, abnormal, _ = self.split(self.trunk(x))
+        return normal, abnormal  # (B, 64, 8, 8) each
+
+    def split(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Trunk features (B, 512, 8, 8) -> the normal code, the (gated) abnormal code, and
+        the gate's logit (B,), None without a gate. Training can supervise the logit with
+        whether the slice has a lesion (``LossWeights.gate``)."""
         abnormal = self.abnormal_head(h)  # (B, 64, 8, 8)
+        gate = None
         if self.abnormal_gate is not None:
             pooled = torch.cat([h.amax((2, 3)), h.mean((2, 3))], 1)  # (B, 2 x 512)
-            abnormal = abnormal * torch.sigmoid(self.abnormal_gate(pooled))[:, :, None, None]
-        return self.normal_head(h), abnormal  # (B, 64, 8, 8) each
+            gate = self.abnormal_gate(pooled)[:, 0]  # (B,)
+            abnormal = abnormal * torch.sigmoid(gate)[:, None, None, None]
+        return self.normal_head(h), abnormal, gate

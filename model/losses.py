@@ -51,6 +51,10 @@ class LossWeights:
     # Not in the paper: the abnormal-space retrieval margin (``RetrievalMargin``); 0 is off.
     sep: float = 0.0
     sep_margin: float = 0.5  # a wrong-status neighbour must lie (1 + margin) x farther
+    # Not in the paper: binary cross-entropy of the abnormal gate's logit (ModelConfig.
+    # abnormal_gate) against whether the slice has a lesion at slice size; 0 is off. Without
+    # it the gate learns only through L_dis, and stays shut on slices with small lesions.
+    gate: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -213,6 +217,10 @@ class DecompositionLoss(torch.nn.Module):
 
         total = l_lat + w.dis * l_dis + w.seg * l_seg + w.rec * l_rec + w.res * l_res
         extra = {}
+        if w.gate and out.gate_logit is not None:
+            extra["gate"] = F.binary_cross_entropy_with_logits(out.gate_logit.float(),
+                                                               lesion_slice.float())
+            total = total + w.gate * extra["gate"]
         if self.margin is not None:
             if patient is None:
                 raise ValueError("the retrieval margin needs the slices' patient numbers")

@@ -48,6 +48,7 @@ class DecompositionOutput:
     logits: Tensor  # (B, 4, S, S) segmentation logits: background, TC, ED, ET
     reconstruction: Tensor  # x_hat+ = f(z_q-, condition(logits)): (B, 1, S, S)
     pseudo_normal: Tensor  # x_hat- = f(z_q-, 0): (B, 1, S, S)
+    gate_logit: Tensor | None = None  # (B,) logit of the abnormal gate; None without one
 
 
 @dataclass
@@ -117,8 +118,10 @@ class DecompositionNet(nn.Module):
     # -- encoding ---------------------------------------------------------------------------------
 
     def _quantize(self, x: Tensor, lesion: Tensor | None = None
-                  ) -> tuple[Tensor, Tensor, Quantized, Quantized]:
-        normal_pre, abnormal_pre = self.encoder(self.to_model_size(x))  # (B, 64, 8, 8) each
+                  ) -> tuple[Tensor, Tensor, Quantized, Quantized, Tensor | None]:
+        # (B, 64, 8, 8) each, and the gate's logit (B,) or None
+        normal_pre, abnormal_pre, gate = self.encoder.split(
+            self.encoder.trunk(self.to_model_size(x)))
         return (
             normal_pre,
             abnormal_pre,
@@ -126,6 +129,7 @@ class DecompositionNet(nn.Module):
             # Appendix C trains the abnormal code towards its codebook only where abnormality
             # exists: only those slices move its EMA, seed it and restart its dead codes.
             self.abnormal_quantizer(abnormal_pre, update=lesion),
+            gate,
         )
 
     def encode(self, x: Tensor) -> Codes:
@@ -133,7 +137,7 @@ class DecompositionNet(nn.Module):
 
         Call it in eval mode: in training mode the quantizers update their codebooks.
         """
-        normal_pre, abnormal_pre, normal, abnormal = self._quantize(x)
+        normal_pre, abnormal_pre, normal, abnormal, _ = self._quantize(x)
         return Codes(
             normal=normal.quantized,
             abnormal=abnormal.quantized,
@@ -213,7 +217,7 @@ class DecompositionNet(nn.Module):
         ``null_shortcut=False`` draws x_hat- from an explicit all-zero map instead of
         ``SPADE._null_modulation`` (the plain computation the shortcut is tested against).
         """
-        normal_pre, abnormal_pre, normal, abnormal = self._quantize(x, lesion)
+        normal_pre, abnormal_pre, normal, abnormal, gate = self._quantize(x, lesion)
         logits = self.segmentation_decoder(abnormal.quantized)  # (B, 4, S, S)
         reconstruction = self.image_decoder(normal.quantized, self.condition(logits))  # x_hat+
         null = None if null_shortcut else torch.zeros_like(logits)
@@ -226,4 +230,5 @@ class DecompositionNet(nn.Module):
             logits=logits,
             reconstruction=reconstruction,
             pseudo_normal=pseudo_normal,
+            gate_logit=gate,
         )

@@ -269,6 +269,8 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
     """
     started = time.monotonic()
     out = Path(out)
+    if config.weights.gate and not config.abnormal_gate:
+        raise TrainingError("a gate weight needs the gate: add --abnormal-gate")
     cases, skipped = _load_cases(data)
     fingerprint = data_fingerprint(
         [(c.pid, [f for f in (c.t1ce, c.seg) if f is not None]) for c in cases])

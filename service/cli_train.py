@@ -70,6 +70,9 @@ def train(
         "--abnormal-gate/--no-abnormal-gate",
         help="A slice-level gate on the abnormal code, from globally pooled features "
              "(default off).")] = None,
+    gate_weight: Annotated[float | None, typer.Option(
+        help="With --abnormal-gate: weight of the gate's cross-entropy against whether the "
+             "slice has a lesion (default 0: off).")] = None,
     null_by_slice: Annotated[bool | None, typer.Option(
         "--null-by-slice/--null-by-position",
         help="With --null-code: lesion-free slices take the null code at every position, "
@@ -97,7 +100,8 @@ def train(
         "init_from": None if init_from is None else str(init_from),
         "bf16": bf16, "channels_last": channels_last}.items() if v is not None}
     weights = {k: v for k, v in {"rec": rec_weight, "seg": seg_weight, "sep": sep_weight, "pi": pi,
-                                 "sep_margin": sep_margin}.items() if v is not None}
+                                 "sep_margin": sep_margin, "gate": gate_weight}.items()
+               if v is not None}
     if preset is not None and preset not in PRESETS:
         _fail(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
     for name, value in (("--steps", steps), ("--batch-size", batch_size),
@@ -106,7 +110,7 @@ def train(
         if value is not None and value < 1:
             _fail(f"{name} must be at least 1, got {value}")
     for name, value in (("--sep-weight", sep_weight), ("--sep-margin", sep_margin),
-                        ("--pi", pi)):
+                        ("--pi", pi), ("--gate-weight", gate_weight)):
         if value is not None and value < 0:
             _fail(f"{name} must not be negative, got {value}")
     for name, value in (("--lr", lr), ("--min-lr", min_lr), ("--minutes", minutes)):

@@ -90,3 +90,8 @@ def test_abnormal_gate_starts_open_and_scales_the_whole_code_of_a_slice():
         _, closed = gated(x)
         assert closed[1].abs().max() < 1e-6 * abnormal[1].abs().max() + 1e-6
         assert torch.allclose(closed[0], abnormal[0], atol=1e-6)
+        # split() hands training the logit that made those gates, one per slice.
+        _, split_abnormal, logit = gated.split(trunk)
+        assert torch.equal(split_abnormal, closed)
+        assert logit.shape == (3,) and logit[1] < -10 < 10 < logit[0]
+        assert plain.split(plain.trunk(x))[2] is None

@@ -7,6 +7,7 @@ computed here by an independent formula rather than with the module's own arithm
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -494,3 +495,32 @@ def test_a_bf16_autocast_training_step_runs_backward_on_cuda():
     total, _ = DecompositionLoss(LossWeights(rec=5.0))(out, x, target)
     total.backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_gate_term_is_the_cross_entropy_of_the_gate_logit_against_lesion_slices():
+    image, target = torch.rand(B, 1, S, S), _target()
+    logit = torch.tensor([2.0, -1.0, -3.0, 0.5])
+    out = dataclasses.replace(_output(4), gate_logit=logit)
+    plain_total, plain_terms = DecompositionLoss(LossWeights(rec=5.0))(out, image, target)
+    assert "gate" not in plain_terms  # weight 0: off
+    total, terms = DecompositionLoss(LossWeights(rec=5.0, gate=2.0))(out, image, target)
+    # By hand: -mean(y log s(l) + (1 - y) log(1 - s(l))), y = ABNORMAL = 1, 0, 1, 0.
+    s = torch.sigmoid(logit)
+    y = ABNORMAL.float()
+    expected = -(y * s.log() + (1 - y) * (1 - s).log()).mean()
+    assert terms["gate"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert total.item() == pytest.approx(plain_total.item() + 2.0 * expected.item(), rel=1e-5)
+    # A model without a gate has no logit: the weight then adds nothing.
+    _, no_gate = DecompositionLoss(LossWeights(rec=5.0, gate=2.0))(_output(4), image, target)
+    assert "gate" not in no_gate
+
+
+def test_gate_term_counts_a_lesion_too_small_to_survive_the_downsampling():
+    """The slice's label is read at slice size, before the cpu preset's 128 x 128 resize."""
+    image = torch.rand(1, 1, 2 * S, 2 * S)
+    target = torch.zeros(1, 2 * S, 2 * S, dtype=torch.int64)
+    target[0, 10, 10] = 3  # one pixel
+    out = dataclasses.replace(_output(5, batch=1), gate_logit=torch.tensor([2.0]))
+    _, terms = DecompositionLoss(LossWeights(rec=5.0, gate=1.0))(out, image, target)
+    # log(1 + e^-2) = 0.127 for a lesion slice; a lesion-free one would give 2.127.
+    assert terms["gate"].item() == pytest.approx(math.log1p(math.exp(-2.0)), rel=1e-5)

@@ -236,3 +236,16 @@ def test_null_by_slice_and_gate_warm_started_from_a_run_without_them(cohort, ful
     assert torch.equal(book[0], torch.zeros_like(book[0]))  # row 0 became the null code
     source = read_checkpoint(out)["model"]["abnormal_quantizer.codebook"]
     assert not torch.equal(source[0], torch.zeros_like(source[0]))
+
+
+def test_gate_weight_trains_the_gate_and_needs_one(cohort, tmp_path):
+    with pytest.raises(TrainingError, match="needs the gate"):
+        train([cohort], tmp_path / "no-gate.pt",
+              _config(steps=2, weights=LossWeights(rec=5.0, gate=1.0)), progress=False)
+    assert not (tmp_path / "no-gate.pt").exists()
+    out = tmp_path / "gate.pt"
+    train([cohort], out, _config(steps=4, null_code=True, null_by_slice=True,
+                                 abnormal_gate=True, weights=LossWeights(rec=5.0, gate=1.0)),
+          progress=False)
+    assert _records(out)[-1]["train_loss"]["gate"] > 0
+    assert read_checkpoint(out)["train_config"]["weights"]["gate"] == 1.0
