@@ -26,8 +26,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from indexer import store
-from indexer.catalog import IndexBuild, Patient, Slice, active_build, encode_codes, open_catalog
+from indexer.catalog import (
+    IndexBuild,
+    Patient,
+    Slice,
+    active_build,
+    decode_codes,
+    encode_codes,
+    open_catalog,
+)
 from indexer.layout import LAYOUT_VERSION, SPACES
+from indexer.reference import Reference
 from model.checkpoint import load_model
 from model.data import preprocess
 from model.data.brats import Case, find_cases, load_case
@@ -301,9 +310,13 @@ class Indexer:
                 removed_ids = [p.id for p in patients]
                 session.execute(delete(Slice).where(Slice.patient_id.in_(removed_ids)))
                 session.execute(delete(Patient).where(Patient.id.in_(removed_ids)))
+                # No model here: the next reference is measured with the codebooks the
+                # current one was (none for an index written before references were stored).
+                books = Reference.stored_codebooks(
+                    store.reference_path(self.index_dir, current.generation))
                 report = self._commit(session, current, gen, "remove", current.checkpoint_sha256,
                                       current.preset, current.next_patient_id,
-                                      current.next_slice_id)
+                                      current.next_slice_id, books)
                 report.patients_removed = sorted(pids)
                 report.kind = kind
             self._collect_garbage(engine)
@@ -403,7 +416,7 @@ class Indexer:
             session.flush()
             session.add_all(new_rows)
             committed = self._commit(session, current, gen, operation, ckpt["weights_sha256"],
-                                     ckpt["preset"], next_patient, next_slice)
+                                     ckpt["preset"], next_patient, next_slice, books)
             report.generation = committed.generation
             report.total_patients = committed.total_patients
             report.total_slices = committed.total_slices
@@ -412,9 +425,13 @@ class Indexer:
         return self._sizes(report, indices)
 
     def _commit(self, session: Session, current: IndexBuild | None, gen: int, operation: str,
-                sha: str, preset: str, next_patient: int, next_slice: int) -> IndexReport:
-        """The switch: rows and the new active generation in one transaction."""
+                sha: str, preset: str, next_patient: int, next_slice: int,
+                codebooks: dict[str, np.ndarray] | None) -> IndexReport:
+        """The switch: rows and the new active generation in one transaction. The generation's
+        reference distances are written just before it, like its FAISS files."""
         session.flush()
+        if codebooks is not None:
+            self._write_reference(session, gen, codebooks)
         patients = session.scalar(select(func.count()).select_from(Patient))
         slices = session.scalar(select(func.count()).select_from(Slice))
         if current is not None:
@@ -428,6 +445,21 @@ class Indexer:
         session.commit()
         return IndexReport(operation=operation, generation=gen, total_patients=patients,
                            total_slices=slices)
+
+    def _write_reference(self, session: Session, gen: int,
+                         codebooks: dict[str, np.ndarray]) -> None:
+        """The between-patient nearest-neighbour distances of every slice the new generation
+        holds (indexer/reference.py); none with fewer than two patients."""
+        rows = session.execute(select(Slice.patient_id, Slice.normal_codes, Slice.abnormal_codes)
+                               .order_by(Slice.id)).all()
+        codes = np.zeros((len(rows), 2, 8, 8), np.uint16)
+        for i, r in enumerate(rows):
+            codes[i, 0] = decode_codes(r.normal_codes)
+            codes[i, 1] = decode_codes(r.abnormal_codes)
+        patients = np.array([r.patient_id for r in rows], np.int64)
+        reference = Reference.measure(codebooks, codes, patients)
+        if reference is not None:
+            reference.save(store.reference_path(self.index_dir, gen), codebooks)
 
     def _collect_garbage(self, engine) -> None:
         with Session(engine) as session:

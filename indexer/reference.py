@@ -8,20 +8,26 @@ match, near 0 for a worse one), and a query whose best hit lies beyond every sam
 nearest-neighbour distance (``match_percentile`` 0) is flagged as lying far from everything
 indexed: a new patient's slice is flagged so with a chance of about one in the sample size.
 
-Measured when the index is loaded, not stored at build time, and cheap because the codes are
-discrete: a squared distance is a sum over the 64 code positions of the squared distance of two
-codebook rows, so one (K, K) table per codebook turns each slice pair into 64 look-ups instead
-of a 4096- or 8192-d difference. The sample is every slice up to ``MAX_SAMPLE``, evenly spaced
+Measured when an index generation is written (``cbir index build``, ``add`` and ``remove``) and
+stored beside its FAISS files (``store.reference_path``), with the codebooks it was measured
+with; the service reads it when it loads that generation, and measures it itself only for an
+index written before this file existed. Cheap because the codes are discrete: a squared
+distance is a sum over the 64 code positions of the squared distance of two codebook rows, so
+one (K, K) table per codebook turns each slice pair into 64 look-ups instead of a 4096- or
+8192-d difference. The sample is every slice up to ``MAX_SAMPLE``, evenly spaced
 beyond; the whole index is searched for each.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from indexer.layout import SPACES
+from model.atomic import atomic_write
 
 MAX_SAMPLE = 256
 MAX_PAIRS = 20_000_000  # sample x index size: a few seconds of look-ups at most
@@ -71,6 +77,40 @@ class Reference:
             nearest = np.where(other, d, np.inf).min(axis=1)
             distances[space] = np.sort(nearest[np.isfinite(nearest)])
         return cls(distances=distances, sampled=len(rows))
+
+    def save(self, path: Path, codebooks: dict[str, np.ndarray]) -> None:
+        """Atomically, as .npz: the sorted distances per space, the sample size, and the
+        codebooks they were measured with (``load`` refuses a file of other codebooks)."""
+        buf = io.BytesIO()
+        np.savez(buf, sampled=np.int64(self.sampled),
+                 **{f"distances_{s}": self.distances[s] for s in SPACES},
+                 **{f"codebook_{n}": np.asarray(b, np.float32) for n, b in codebooks.items()})
+        atomic_write(Path(path), lambda fh: fh.write(buf.getvalue()))
+
+    @classmethod
+    def load(cls, path: Path, codebooks: dict[str, np.ndarray]) -> Reference | None:
+        """The reference stored at ``path``; None when there is none, it cannot be read, or it
+        was measured with other codebooks than ``codebooks`` (then measure it again)."""
+        try:
+            with np.load(Path(path)) as f:
+                for name, book in codebooks.items():
+                    if not np.array_equal(f[f"codebook_{name}"], np.asarray(book, np.float32)):
+                        return None
+                return cls(distances={s: f[f"distances_{s}"].astype(np.float64)
+                                      for s in SPACES},
+                           sampled=int(f["sampled"]))
+        except (OSError, KeyError, ValueError):
+            return None
+
+    @staticmethod
+    def stored_codebooks(path: Path) -> dict[str, np.ndarray] | None:
+        """The codebooks a stored reference was measured with (None without a readable file):
+        what ``cbir index remove``, which loads no model, measures the next one with."""
+        try:
+            with np.load(Path(path)) as f:
+                return {n: f[f"codebook_{n}"] for n in ("normal", "abnormal")}
+        except (OSError, KeyError, ValueError):
+            return None
 
     def median(self, space: str) -> float:
         return float(np.median(self.distances[space]))

@@ -39,7 +39,8 @@ from model.atomic import atomic_write
 FORMAT = "compositional-cbir/index"
 FAISS_DIR = "faiss"
 SLICES_DIR = "slices"
-_FAISS_NAME = re.compile(r"^(normal|abnormal|concat)-(\d+)\.faiss$")
+# A generation's files: its three FAISS indices and its reference distances (indexer/reference.py).
+_FAISS_NAME = re.compile(r"^(normal|abnormal|concat|reference)-(\d+)\.(faiss|npz)$")
 KINDS = ("flat", "codebook")
 DEFAULT_KIND = "flat"
 
@@ -94,6 +95,11 @@ def writer_lock(index_dir: Path) -> Iterator[None]:
 
 def faiss_path(index_dir: Path, space: str, generation: int) -> Path:
     return Path(index_dir) / FAISS_DIR / f"{space}-{generation:06d}.faiss"
+
+
+def reference_path(index_dir: Path, generation: int) -> Path:
+    """The generation's between-patient nearest-neighbour distances (indexer/reference.py)."""
+    return Path(index_dir) / FAISS_DIR / f"reference-{generation:06d}.npz"
 
 
 def empty_index(space: str, kind: str = DEFAULT_KIND,

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from indexer import store
 from indexer.catalog import active_build, open_catalog
 from indexer.layout import DIMS, LAYOUT_VERSION, SPACES, position_distances, space_vectors
+from indexer.reference import Reference
 from model.data.render import SEG_PALETTE, grey_rgb, overlay
 from service.catalogue_view import (
     CatalogueChanged,
@@ -45,7 +46,6 @@ from service.loading import (
     load_matching_checkpoint,
     read_manifest,
 )
-from service.reference import Reference
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,11 @@ class Retrieval:
         self.slices_per_patient = int(np.bincount(
             np.unique(self.slice_patient, return_inverse=True)[1]).max()) if len(
             self.slice_patient) else 0
-        self.reference = Reference.measure(self.codebooks, self.codes, self.slice_patient)
+        # Stored when the generation was written; measured here for an index written before.
+        self.reference = Reference.load(
+            store.reference_path(self.index_dir, self.build.generation), self.codebooks)
+        if self.reference is None:
+            self.reference = Reference.measure(self.codebooks, self.codes, self.slice_patient)
 
     # -- loading ---------------------------------------------------------------------------------
 

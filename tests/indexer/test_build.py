@@ -27,6 +27,7 @@ from indexer import store
 from indexer.build import DEFAULT_CHECKPOINT, Indexer, codebooks_of, encode_slices
 from indexer.catalog import Patient, Slice, active_build, decode_codes, make_engine
 from indexer.layout import DIMS, SPACES, space_vectors
+from indexer.reference import Reference
 from indexer.store import IndexStoreError
 from indexer.verify import stats, verify
 from model.checkpoint import load_model, save_checkpoint
@@ -786,3 +787,49 @@ def test_cli_verify_refuses_a_missing_checkpoint(fresh, tmp_path):
     result = invoke("index", "verify", "--index", fresh, "--checkpoint", nowhere)
     assert str(nowhere) in result.output, result.output
     assert result.exit_code == 2, result.output
+
+
+# -- reference distances, stored per generation -------------------------------------------------
+
+
+def _measured_now(index_dir: Path, books: dict) -> Reference:
+    """The reference measured from the catalogue as it stands (what each write must store)."""
+    engine = make_engine(store.default_db_url(index_dir))
+    with Session(engine) as session:
+        rows = session.execute(select(Slice.patient_id, Slice.normal_codes,
+                                      Slice.abnormal_codes).order_by(Slice.id)).all()
+    engine.dispose()
+    codes = np.stack([np.stack([decode_codes(r.normal_codes), decode_codes(r.abnormal_codes)])
+                      for r in rows])
+    return Reference.measure(books, codes, np.array([r.patient_id for r in rows]))
+
+
+def test_every_write_stores_the_reference_of_its_generation(fresh, mini, model_books):
+    """build, add and remove each store the new generation's between-patient nearest-neighbour
+    distances, measured with the model's codebooks; the old generation's file goes with its
+    FAISS files."""
+    _, books, _ = model_books
+    for step in ("build", "add", "remove"):
+        if step == "add":
+            Indexer(fresh).add([mini[C]], workers=0, progress=False)
+        elif step == "remove":
+            Indexer(fresh).remove([A])
+        gen = snapshot(fresh).generation
+        path = store.reference_path(fresh, gen)
+        stored = Reference.load(path, books)
+        assert stored is not None, step
+        expected = _measured_now(fresh, books)
+        assert stored.sampled == expected.sampled
+        for space in SPACES:
+            assert np.array_equal(stored.distances[space], expected.distances[space]), step
+        assert sorted(p.name for p in (fresh / store.FAISS_DIR).glob("reference-*")) == [
+            path.name], step
+    # Measured with other codebooks, a stored reference is not used.
+    other = {name: book + 1.0 for name, book in books.items()}
+    assert Reference.load(store.reference_path(fresh, snapshot(fresh).generation), other) is None
+
+
+def test_one_patient_stores_no_reference(mini, tiny_checkpoint, tmp_path):
+    out = tmp_path / "one"
+    Indexer(out).build([mini[A]], tiny_checkpoint, workers=0, progress=False)
+    assert not list((out / store.FAISS_DIR).glob("reference-*"))

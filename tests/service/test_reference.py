@@ -1,12 +1,13 @@
-"""service.reference: the between-patient nearest-neighbour distances a hit is read against."""
+"""indexer.reference: the between-patient nearest-neighbour distances a hit is read against."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from indexer import store
 from indexer.layout import SPACES
-from service.reference import Reference
+from indexer.reference import Reference
 from service.retrieval import Codes, Timings
 
 
@@ -41,3 +42,38 @@ def test_one_patient_has_no_reference():
     codes = np.zeros((5, 2, 8, 8), np.uint16)
     books = {"normal": np.eye(4, 64), "abnormal": np.eye(4, 64)}
     assert Reference.measure(books, codes, np.zeros(5, np.int64)) is None
+
+
+def test_the_service_reads_the_reference_stored_with_the_generation(service_index, retrieval,
+                                                                     monkeypatch):
+    """Loading a generation reads its stored reference rather than measuring one; an index
+    written before references were stored (no file) is measured on load."""
+    from service.retrieval import Retrieval
+
+    stored = Reference.load(store.reference_path(service_index, retrieval.build.generation),
+                            retrieval.codebooks)
+    assert stored is not None
+    for space in SPACES:
+        assert np.array_equal(retrieval.reference.distances[space], stored.distances[space])
+
+    def no_measuring(*args):
+        raise AssertionError("measured although a reference is stored")
+
+    monkeypatch.setattr(Reference, "measure", staticmethod(no_measuring))
+    reopened = Retrieval.open(service_index)
+    assert reopened.reference.sampled == stored.sampled
+
+
+def test_an_index_without_a_stored_reference_is_measured_on_load(service_index, retrieval,
+                                                                  tmp_path):
+    import shutil
+
+    from service.retrieval import Retrieval
+
+    old = tmp_path / "index"
+    shutil.copytree(service_index, old)
+    for path in (old / store.FAISS_DIR).glob("reference-*"):
+        path.unlink()
+    measured = Retrieval.open(old).reference
+    for space in SPACES:
+        assert np.array_equal(measured.distances[space], retrieval.reference.distances[space])

@@ -287,7 +287,7 @@ def test_a_query_far_from_everything_indexed_gets_a_warning(client, monkeypatch)
     """Flagged when the nearest hit lies beyond every sampled between-patient nearest-neighbour
     distance (match percentile 0): 200 with a warning saying so. The rule is checked against
     the measured distances, and against references that put the same query near and far."""
-    from service.reference import Reference
+    from indexer.reference import Reference
 
     noise = np.random.default_rng(0).integers(1, 255, (256, 256), dtype=np.uint8)
     buf = io.BytesIO()

@@ -506,7 +506,7 @@ def test_layout_from_narrow_to_wide(browser, live_server, indexed_png, width, er
 def test_a_far_query_shows_its_warning(page, live_server, indexed_png, monkeypatch):
     """The server's `warnings` reach the reader (the server runs in this process: every query
     is made 'far')."""
-    from service.reference import Reference
+    from indexer.reference import Reference
 
     monkeypatch.setattr(Reference, "far", lambda self, space, distance: 99.0)
     open_app(page, live_server)
