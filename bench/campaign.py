@@ -290,8 +290,7 @@ class Campaign:
         with Session(self.engine) as session:
             pids = set(session.scalars(select(Patient.id)).all())
             gen = active_build(session).generation
-        keep = {store.faiss_path(self.index, s, gen).name for s in ("normal", "abnormal",
-                                                                   "concat")}
+        keep = {p.name for p in store.generation_paths(self.index, gen)}
         keep |= {store.thumbnail_path(self.index, p).name for p in pids}
         return sorted(p.name for d in (store.FAISS_DIR, store.SLICES_DIR)
                       for p in (self.index / d).iterdir() if p.name not in keep)

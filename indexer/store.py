@@ -102,6 +102,13 @@ def reference_path(index_dir: Path, generation: int) -> Path:
     return Path(index_dir) / FAISS_DIR / f"reference-{generation:06d}.npz"
 
 
+def generation_paths(index_dir: Path, generation: int) -> list[Path]:
+    """Every file a generation may hold: its three FAISS indices, and its reference distances
+    (absent with fewer than two patients, and in generations written before they existed)."""
+    return [*(faiss_path(index_dir, s, generation) for s in SPACES),
+            reference_path(index_dir, generation)]
+
+
 def empty_index(space: str, kind: str = DEFAULT_KIND,
                 codebooks: dict[str, np.ndarray] | None = None) -> faiss.Index:
     """An empty index; the codebook kind needs the model's codebooks."""

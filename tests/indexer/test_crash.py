@@ -163,14 +163,16 @@ def _check_readable(index_dir: Path, allowed: list[set[str]]) -> set[str]:
 
 
 def _check_no_leftovers(index_dir: Path) -> None:
-    """Only the active generation's three files and the catalogued patients' thumbnails."""
+    """Only the active generation's files (three indices, its reference distances when it has
+    any) and the catalogued patients' thumbnails."""
     engine = make_engine(store.default_db_url(index_dir))
     with Session(engine) as session:
         generation = active_build(session).generation
         pids = set(session.scalars(select(Patient.id)).all())
     engine.dispose()
     assert sorted(_faiss_names(index_dir)) == sorted(
-        store.faiss_path(index_dir, s, generation).name for s in SPACES)
+        p.name for p in store.generation_paths(index_dir, generation)
+        if p.suffix == ".faiss" or p.exists())
     assert sorted(os.listdir(index_dir / store.SLICES_DIR)) == sorted(f"{p}.npz" for p in pids)
 
 
