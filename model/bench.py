@@ -24,8 +24,8 @@ def _time(fn, x: torch.Tensor, device: torch.device) -> float:
 @torch.inference_mode()
 def encode_throughput(preset: str, batch: int = 32, repeats: int = 5, warmup: int = 1,
                       device: str | None = None) -> dict:
-    """Median slices/s of ``encode`` (codes + indices) and of the bare encoder stack (fed at the
-    preset's model size, so the cpu preset's resize is counted once).
+    """Median slices/s of ``encode`` (codes + indices) and of the bare encoder stack, both fed
+    the same 256 x 256 slices through the preset's resize to its model size.
 
     The two are timed alternately on the same random batch so that machine noise hits both.
     """
