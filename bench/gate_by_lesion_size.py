@@ -25,7 +25,7 @@ BANDS = ((1, 50), (50, 200), (200, 1000), (1000, 256 * 256 + 1))
 @torch.no_grad()
 def measure(checkpoint: Path, data: Path, batch: int = 64) -> list[str]:
     model, payload = load_model(checkpoint)
-    if model.encoder.abnormal_gate is None:
+    if not model.config.abnormal_gate:
         raise SystemExit(f"{checkpoint}: trained without --abnormal-gate")
     dataset = SliceDataset.from_folders([data])
     rows = dataset.indices_of(set(payload["held_out_patients"]))
@@ -33,7 +33,7 @@ def measure(checkpoint: Path, data: Path, batch: int = 64) -> list[str]:
     for start in range(0, len(rows), batch):
         items = [dataset[i] for i in rows[start:start + batch]]
         x = torch.stack([it["image"] for it in items])
-        _, _, logit = model.encoder.split(model.encoder.trunk(model.to_model_size(x)))
+        _, _, logit, _ = model.encoder.split(model.encoder.trunk(model.to_model_size(x)))
         gates.append(torch.sigmoid(logit))
         codes.append(model.encode(x).abnormal.flatten(1))
         areas += [int((it["abnormal"] > 0).sum()) for it in items]

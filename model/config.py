@@ -50,6 +50,11 @@ class ModelConfig:
     # trunk's globally pooled features (model/encoder.py). A code position sees only its part
     # of the slice; the gate lets a lesion anywhere decide the code at every position.
     abnormal_gate: bool = False
+    # With abnormal_gate: the gate's logit is the maximum over code positions of a per-position
+    # lesion logit (a 3x3 conv on the trunk) instead of a linear map of the pooled trunk, so a
+    # lesion in one cell opens it however small its share of the slice; training can supervise
+    # each position (LossWeights.gate). Not in the paper.
+    gate_by_position: bool = False
 
     def __post_init__(self) -> None:
         self.encoder_widths = tuple(self.encoder_widths)
@@ -83,6 +88,8 @@ class ModelConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.gate_by_position and not self.abnormal_gate:
+            raise ValueError("gate_by_position needs abnormal_gate")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
         if not 0.0 <= self.dead_code_ratio < 1.0:

@@ -63,14 +63,19 @@ class Encoder(nn.Module):
         # Table A.1, row 'Split [3x3 64], [3x3 64]'.
         self.normal_head = nn.Conv2d(width, config.code_dim, kernel_size=3, padding=1)
         self.abnormal_head = nn.Conv2d(width, config.code_dim, kernel_size=3, padding=1)
-        self.abnormal_gate: nn.Linear | None = None
-        if config.abnormal_gate:
-            # Global max and mean of each trunk channel -> one gate per slice. Zero weights and
-            # a bias of 6 open it to sigmoid(6) = 0.998, so a warm start begins where its
-            # source was.
+        # Not in the paper (ModelConfig.abnormal_gate): one gate per slice on the abnormal code.
+        # Zero weights and a bias of 6 open it to sigmoid(6) = 0.998, so a warm start begins
+        # where its source was.
+        self.abnormal_gate: nn.Linear | None = None  # global max and mean of each trunk channel
+        self.position_gate: nn.Conv2d | None = None  # one lesion logit per code position
+        if config.abnormal_gate and config.gate_by_position:
+            self.position_gate = nn.Conv2d(width, 1, kernel_size=3, padding=1)
+        elif config.abnormal_gate:
             self.abnormal_gate = nn.Linear(2 * width, 1)
-            nn.init.zeros_(self.abnormal_gate.weight)
-            nn.init.constant_(self.abnormal_gate.bias, 6.0)
+        for layer in (self.abnormal_gate, self.position_gate):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.constant_(layer.bias, 6.0)
 
     def trunk(self, x: Tensor) -> Tensor:
         """The shared features before the split: (B, 1, S, S) -> (B, 512, 8, 8)."""
@@ -83,17 +88,22 @@ class Encoder(nn.Module):
         return self.body(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        normal, abnormal, _ = self.split(self.trunk(x))
+        normal, abnormal, _, _ = self.split(self.trunk(x))
         return normal, abnormal  # (B, 64, 8, 8) each
 
-    def split(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Trunk features (B, 512, 8, 8) -> the normal code, the (gated) abnormal code, and
-        the gate's logit (B,), None without a gate. Training can supervise the logit with
-        whether the slice has a lesion (``LossWeights.gate``)."""
+    def split(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Trunk features (B, 512, 8, 8) -> the normal code, the (gated) abnormal code, the
+        gate's logit (B,) and the per-position lesion logits (B, 8, 8) it is the maximum of.
+        Without a gate both logits are None; the pooled gate has no per-position logits.
+        Training can supervise them with where the slice has a lesion (``LossWeights.gate``)."""
         abnormal = self.abnormal_head(h)  # (B, 64, 8, 8)
-        gate = None
-        if self.abnormal_gate is not None:
+        gate = positions = None
+        if self.position_gate is not None:
+            positions = self.position_gate(h)[:, 0]  # (B, 8, 8)
+            gate = positions.amax((1, 2))  # (B,)
+        elif self.abnormal_gate is not None:
             pooled = torch.cat([h.amax((2, 3)), h.mean((2, 3))], 1)  # (B, 2 x 512)
             gate = self.abnormal_gate(pooled)[:, 0]  # (B,)
+        if gate is not None:
             abnormal = abnormal * torch.sigmoid(gate)[:, None, None, None]
-        return self.normal_head(h), abnormal, gate
+        return self.normal_head(h), abnormal, gate, positions

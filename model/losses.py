@@ -52,8 +52,9 @@ class LossWeights:
     sep: float = 0.0
     sep_margin: float = 0.5  # a wrong-status neighbour must lie (1 + margin) x farther
     # Not in the paper: binary cross-entropy of the abnormal gate's logit (ModelConfig.
-    # abnormal_gate) against whether the slice has a lesion at slice size; 0 is off. Without
-    # it the gate learns only through L_dis, and stays shut on slices with small lesions.
+    # abnormal_gate) against whether the slice has a lesion at slice size, plus, with
+    # gate_by_position, of each position's logit against whether its cell holds lesion; 0 is
+    # off. Without it the gate learns only through L_dis, and stays shut on small lesions.
     gate: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
@@ -178,7 +179,8 @@ class DecompositionLoss(torch.nn.Module):
                 patient: Tensor | None = None):
         """``patient`` (B,) int64 patient numbers: needed when the retrieval margin is on."""
         w = self.weights
-        lesion_slice = (target > 0).flatten(1).any(dim=1)  # at slice size, before resizing
+        target_full = target  # at slice size, before resizing
+        lesion_slice = (target > 0).flatten(1).any(dim=1)
         size = out.reconstruction.shape[-1]
         if image.shape[-1] != size:  # the preset runs below slice size: compare at its size
             image = F.interpolate(image, size=size, mode="area")
@@ -220,6 +222,12 @@ class DecompositionLoss(torch.nn.Module):
         if w.gate and out.gate_logit is not None:
             extra["gate"] = F.binary_cross_entropy_with_logits(out.gate_logit.float(),
                                                                lesion_slice.float())
+            if out.gate_positions is not None:  # and each position against its cell, at
+                cells = F.adaptive_max_pool2d((target_full > 0).unsqueeze(1).float(),  # 256
+                                              out.gate_positions.shape[-2:])[:, 0]
+                extra["gate_positions"] = F.binary_cross_entropy_with_logits(
+                    out.gate_positions.float(), cells)
+                extra["gate"] = extra["gate"] + extra["gate_positions"]
             total = total + w.gate * extra["gate"]
         if self.margin is not None:
             if patient is None:

@@ -49,6 +49,8 @@ class DecompositionOutput:
     reconstruction: Tensor  # x_hat+ = f(z_q-, condition(logits)): (B, 1, S, S)
     pseudo_normal: Tensor  # x_hat- = f(z_q-, 0): (B, 1, S, S)
     gate_logit: Tensor | None = None  # (B,) logit of the abnormal gate; None without one
+    # (B, 8, 8) per-position lesion logits whose maximum is gate_logit (gate_by_position)
+    gate_positions: Tensor | None = None
 
 
 @dataclass
@@ -118,9 +120,9 @@ class DecompositionNet(nn.Module):
     # -- encoding ---------------------------------------------------------------------------------
 
     def _quantize(self, x: Tensor, lesion: Tensor | None = None
-                  ) -> tuple[Tensor, Tensor, Quantized, Quantized, Tensor | None]:
-        # (B, 64, 8, 8) each, and the gate's logit (B,) or None
-        normal_pre, abnormal_pre, gate = self.encoder.split(
+                  ) -> tuple[Tensor, Tensor, Quantized, Quantized, Tensor | None, Tensor | None]:
+        # (B, 64, 8, 8) each, the gate's logit (B,) and its per-position logits (B, 8, 8)
+        normal_pre, abnormal_pre, gate, positions = self.encoder.split(
             self.encoder.trunk(self.to_model_size(x)))
         return (
             normal_pre,
@@ -130,6 +132,7 @@ class DecompositionNet(nn.Module):
             # exists: only those slices move its EMA, seed it and restart its dead codes.
             self.abnormal_quantizer(abnormal_pre, update=lesion),
             gate,
+            positions,
         )
 
     def encode(self, x: Tensor) -> Codes:
@@ -137,7 +140,7 @@ class DecompositionNet(nn.Module):
 
         Call it in eval mode: in training mode the quantizers update their codebooks.
         """
-        normal_pre, abnormal_pre, normal, abnormal, _ = self._quantize(x)
+        normal_pre, abnormal_pre, normal, abnormal, _, _ = self._quantize(x)
         return Codes(
             normal=normal.quantized,
             abnormal=abnormal.quantized,
@@ -217,7 +220,7 @@ class DecompositionNet(nn.Module):
         ``null_shortcut=False`` draws x_hat- from an explicit all-zero map instead of
         ``SPADE._null_modulation`` (the plain computation the shortcut is tested against).
         """
-        normal_pre, abnormal_pre, normal, abnormal, gate = self._quantize(x, lesion)
+        normal_pre, abnormal_pre, normal, abnormal, gate, positions = self._quantize(x, lesion)
         logits = self.segmentation_decoder(abnormal.quantized)  # (B, 4, S, S)
         reconstruction = self.image_decoder(normal.quantized, self.condition(logits))  # x_hat+
         null = None if null_shortcut else torch.zeros_like(logits)
@@ -231,4 +234,5 @@ class DecompositionNet(nn.Module):
             reconstruction=reconstruction,
             pseudo_normal=pseudo_normal,
             gate_logit=gate,
+            gate_positions=positions,
         )

@@ -68,6 +68,7 @@ class TrainConfig:
     # from every slice with a lesion (model/losses.py, ``null_by_slice``).
     null_by_slice: bool = False
     abnormal_gate: bool = False  # ModelConfig.abnormal_gate: a slice-level gate on the code
+    gate_by_position: bool = False  # ModelConfig.gate_by_position: the gate from its positions
     # Warm start: the model weights of this checkpoint (an exported or a training one); the
     # optimizer, the schedule and the step start afresh. None: He initialisation.
     init_from: str | None = None
@@ -209,6 +210,9 @@ def _load_cases(data: list[Path]) -> tuple[list, list]:
     return cases, skipped
 
 
+_GATE_LAYERS = ("encoder.abnormal_gate.", "encoder.position_gate.")
+
+
 def _warm_start(model: DecompositionNet, path: Path, preset: str) -> None:
     """Load the model weights of ``path`` into ``model`` (same preset and shapes)."""
     try:
@@ -219,12 +223,15 @@ def _warm_start(model: DecompositionNet, path: Path, preset: str) -> None:
         raise TrainingError(f"cannot start from {path}: it is a '{state['preset']}' "
                             f"checkpoint, this run trains '{preset}'")
     try:
-        # Layers the source lacks and this run adds (the abnormal gate) keep their init.
+        # A gate the source lacks keeps its init; a gate of another kind than this run's
+        # (pooled or by position) is left behind.
         missing, unexpected = model.load_state_dict(state["model"], strict=False)
     except RuntimeError as exc:
         raise TrainingError(f"cannot start from {path}: its weights do not fit the "
                             f"'{preset}' model ({str(exc).splitlines()[0]})") from exc
-    misfit = [k for k in missing if not k.startswith("encoder.abnormal_gate.")] + unexpected
+    misfit = [k for k in missing if not k.startswith(_GATE_LAYERS)]
+    misfit += [k for k in unexpected
+               if not (k.startswith(_GATE_LAYERS) and model.config.abnormal_gate)]
     if misfit:
         raise TrainingError(f"cannot start from {path}: its weights do not fit the "
                             f"'{preset}' model ({', '.join(misfit[:4])})")
@@ -269,14 +276,16 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
     """
     started = time.monotonic()
     out = Path(out)
-    if config.weights.gate and not config.abnormal_gate:
-        raise TrainingError("a gate weight needs the gate: add --abnormal-gate")
+    if (config.weights.gate or config.gate_by_position) and not config.abnormal_gate:
+        raise TrainingError("a gate weight or a gate by position needs the gate: add "
+                            "--abnormal-gate")
     cases, skipped = _load_cases(data)
     fingerprint = data_fingerprint(
         [(c.pid, [f for f in (c.t1ce, c.seg) if f is not None]) for c in cases])
     model_config = dataclasses.replace(model_preset(config.preset),
                                        abnormal_null_code=config.null_code,
-                                       abnormal_gate=config.abnormal_gate)
+                                       abnormal_gate=config.abnormal_gate,
+                                       gate_by_position=config.gate_by_position)
     state = None
     if resume and out.exists():
         state = _resume_state(out, config, fingerprint)

@@ -70,9 +70,15 @@ def train(
         "--abnormal-gate/--no-abnormal-gate",
         help="A slice-level gate on the abnormal code, from globally pooled features "
              "(default off).")] = None,
+    gate_by_position: Annotated[bool | None, typer.Option(
+        "--gate-by-position/--gate-by-pooling",
+        help="With --abnormal-gate: the gate opens when any code position sees lesion (the "
+             "maximum of per-position logits) instead of reading the pooled trunk "
+             "(default: pooled).")] = None,
     gate_weight: Annotated[float | None, typer.Option(
         help="With --abnormal-gate: weight of the gate's cross-entropy against whether the "
-             "slice has a lesion (default 0: off).")] = None,
+             "slice has a lesion, and by position whether each position's cell has one "
+             "(default 0: off).")] = None,
     null_by_slice: Annotated[bool | None, typer.Option(
         "--null-by-slice/--null-by-position",
         help="With --null-code: lesion-free slices take the null code at every position, "
@@ -96,7 +102,7 @@ def train(
         "eval_slices": eval_slices, "seed": seed,
         "val_fraction": val_fraction, "augment": augment, "lesion_codebook": lesion_codebook,
         "null_code": null_code, "null_by_slice": null_by_slice,
-        "abnormal_gate": abnormal_gate,
+        "abnormal_gate": abnormal_gate, "gate_by_position": gate_by_position,
         "init_from": None if init_from is None else str(init_from),
         "bf16": bf16, "channels_last": channels_last}.items() if v is not None}
     weights = {k: v for k, v in {"rec": rec_weight, "seg": seg_weight, "sep": sep_weight, "pi": pi,

@@ -91,7 +91,45 @@ def test_abnormal_gate_starts_open_and_scales_the_whole_code_of_a_slice():
         assert closed[1].abs().max() < 1e-6 * abnormal[1].abs().max() + 1e-6
         assert torch.allclose(closed[0], abnormal[0], atol=1e-6)
         # split() hands training the logit that made those gates, one per slice.
-        _, split_abnormal, logit = gated.split(trunk)
+        _, split_abnormal, logit, positions = gated.split(trunk)
         assert torch.equal(split_abnormal, closed)
         assert logit.shape == (3,) and logit[1] < -10 < 10 < logit[0]
-        assert plain.split(plain.trunk(x))[2] is None
+        assert positions is None  # the pooled gate has no per-position logits
+        assert plain.split(plain.trunk(x))[2:] == (None, None)
+
+
+def test_gate_by_position_opens_on_a_lesion_in_any_one_cell():
+    """The slice's gate is the maximum of its positions' logits: one position that sees lesion
+    opens the code of the whole slice, the others having no say."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(preset("tiny"), abnormal_gate=True, gate_by_position=True)
+    gated = Encoder(config).eval()
+    assert gated.abnormal_gate is None and gated.position_gate is not None
+    x = torch.rand(2, 1, 256, 256)
+    with torch.no_grad():
+        trunk = gated.trunk(x)
+        _, _, logit, positions = gated.split(trunk)
+        assert positions.shape == (2, 8, 8) and torch.all(positions == 6.0)  # starts open
+        # One position of slice 0 reads +20 and every other position -20: a marker in the
+        # trunk's last channel, read by the centre tap of the 3 x 3 kernel.
+        marker = torch.full_like(trunk[:, :1], -1.0)
+        marker[0, 0, 5, 2] = 1.0
+        trunk = torch.cat([trunk[:, :-1], marker], 1)
+        gated.position_gate.weight.zero_()
+        gated.position_gate.weight[0, -1, 1, 1] = 20.0
+        gated.position_gate.bias.zero_()
+        _, abnormal, logit, positions = gated.split(trunk)
+        assert positions[0, 5, 2] == 20.0 and positions[0].flatten().sort().values[-2] == -20.0
+        assert logit.tolist() == [20.0, -20.0]
+        ungated = gated.abnormal_head(trunk).flatten(1).norm(dim=1)
+        scale = abnormal.flatten(1).norm(dim=1) / ungated
+        assert scale[0] > 0.999 and scale[1] < 1e-8  # slice 0 kept at every position
+
+
+def test_gate_by_position_needs_the_gate():
+    import dataclasses
+
+    with pytest.raises(ValueError, match="gate_by_position needs abnormal_gate"):
+        dataclasses.replace(preset("tiny"), gate_by_position=True)

@@ -7,6 +7,7 @@ computed here by an independent formula rather than with the module's own arithm
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -513,6 +514,31 @@ def test_gate_term_is_the_cross_entropy_of_the_gate_logit_against_lesion_slices(
     # A model without a gate has no logit: the weight then adds nothing.
     _, no_gate = DecompositionLoss(LossWeights(rec=5.0, gate=2.0))(_output(4), image, target)
     assert "gate" not in no_gate
+
+
+def test_gate_by_position_adds_each_positions_cross_entropy_against_its_cell():
+    image, target = torch.rand(B, 1, S, S), _target()
+    logit = torch.tensor([2.0, -1.0, -3.0, 0.5])
+    positions = torch.randn(B, G, G, generator=torch.Generator().manual_seed(3))
+    slice_only = dataclasses.replace(_output(4), gate_logit=logit)
+    by_position = dataclasses.replace(slice_only, gate_positions=positions)
+    loss = DecompositionLoss(LossWeights(rec=5.0, gate=2.0))
+    total_slice, slice_terms = loss(slice_only, image, target)
+    total, terms = loss(by_position, image, target)
+    # By hand: a position's cell is its S/G x S/G block of the target; it has lesion when any
+    # pixel of the block does.
+    cell = S // G
+    cells = torch.zeros(B, G, G)
+    for b, i, j in itertools.product(range(B), range(G), range(G)):
+        cells[b, i, j] = float((target[b, i * cell:(i + 1) * cell, j * cell:(j + 1) * cell]
+                                > 0).any())
+    assert 0 < cells.sum() < cells.numel() and cells[1].sum() == 0 == cells[3].sum()
+    s = torch.sigmoid(positions)
+    expected = -(cells * s.log() + (1 - cells) * (1 - s).log()).mean()
+    assert terms["gate_positions"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["gate"].item() == pytest.approx(slice_terms["gate"].item() + expected.item(),
+                                                 rel=1e-5)
+    assert total.item() == pytest.approx(total_slice.item() + 2.0 * expected.item(), rel=1e-5)
 
 
 def test_gate_term_counts_a_lesion_too_small_to_survive_the_downsampling():

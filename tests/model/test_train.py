@@ -249,3 +249,26 @@ def test_gate_weight_trains_the_gate_and_needs_one(cohort, tmp_path):
           progress=False)
     assert _records(out)[-1]["train_loss"]["gate"] > 0
     assert read_checkpoint(out)["train_config"]["weights"]["gate"] == 1.0
+
+
+def test_gate_by_position_warm_started_from_a_pooled_gate(cohort, tmp_path):
+    """The pooled gate of the source is left behind; the rest of its weights carry over."""
+    pooled = tmp_path / "pooled.pt"
+    train([cohort], pooled, _config(steps=2, null_code=True, null_by_slice=True,
+                                    abnormal_gate=True), progress=False)
+    with pytest.raises(TrainingError, match="needs the gate"):
+        train([cohort], tmp_path / "alone.pt", _config(steps=2, gate_by_position=True),
+              progress=False)
+    out = tmp_path / "positions.pt"
+    train([cohort], out, _config(steps=2, init_from=str(pooled), null_code=True,
+                                 null_by_slice=True, abnormal_gate=True, gate_by_position=True,
+                                 weights=LossWeights(rec=5.0, gate=1.0), lr=1e-12),
+          progress=False)
+    payload = read_checkpoint(out)
+    assert payload["config"]["gate_by_position"] is True
+    assert payload["train_config"]["gate_by_position"] is True
+    assert not any(k.startswith("encoder.abnormal_gate.") for k in payload["model"])
+    assert payload["model"]["encoder.position_gate.weight"].shape[:2] == (1, 16)
+    assert _records(out)[-1]["train_loss"]["gate_positions"] > 0
+    source = read_checkpoint(pooled)["model"]["encoder.normal_head.weight"]
+    assert torch.allclose(payload["model"]["encoder.normal_head.weight"], source, atol=1e-6)
