@@ -31,7 +31,7 @@ from indexer.catalog import (
     Patient,
     Slice,
     active_build,
-    decode_codes,
+    decode_code_rows,
     encode_codes,
     open_catalog,
 )
@@ -452,10 +452,7 @@ class Indexer:
         holds (indexer/reference.py); none with fewer than two patients."""
         rows = session.execute(select(Slice.patient_id, Slice.normal_codes, Slice.abnormal_codes)
                                .order_by(Slice.id)).all()
-        codes = np.zeros((len(rows), 2, 8, 8), np.uint16)
-        for i, r in enumerate(rows):
-            codes[i, 0] = decode_codes(r.normal_codes)
-            codes[i, 1] = decode_codes(r.abnormal_codes)
+        codes = decode_code_rows(rows)
         patients = np.array([r.patient_id for r in rows], np.int64)
         reference = Reference.measure(codebooks, codes, patients)
         if reference is not None:

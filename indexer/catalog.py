@@ -108,6 +108,15 @@ def decode_codes(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<u2").reshape(CODE_SHAPE).astype(np.int64)
 
 
+def decode_code_rows(rows) -> np.ndarray:
+    """Rows with ``normal_codes`` and ``abnormal_codes`` blobs -> their indices (N, 2, 8, 8)."""
+    codes = np.zeros((len(rows), 2, *CODE_SHAPE), np.uint16)
+    for i, r in enumerate(rows):
+        codes[i, 0] = decode_codes(r.normal_codes)
+        codes[i, 1] = decode_codes(r.abnormal_codes)
+    return codes
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cur = dbapi_connection.cursor()
     cur.execute("PRAGMA foreign_keys=ON")  # ON DELETE CASCADE

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from indexer import store
 from indexer.build import codebooks_of
-from indexer.catalog import IndexBuild, Patient, Slice, active_build, decode_codes, open_catalog
+from indexer.catalog import IndexBuild, Patient, Slice, active_build, decode_code_rows, open_catalog
 from indexer.layout import DIMS, LAYOUT_VERSION, SPACES, space_vectors
 from model.checkpoint import CheckpointError, load_model
 
@@ -123,9 +123,8 @@ def verify(index_dir: Path | str, db_url: str | None = None,
     # Every stored vector equals the codebook lookup of the catalogue's code indices.
     common = [r for r in rows if r.id in present]
     if common:
-        normal = np.stack([decode_codes(r.normal_codes) for r in common])
-        abnormal = np.stack([decode_codes(r.abnormal_codes) for r in common])
-        expected = space_vectors(books, normal, abnormal)
+        codes = decode_code_rows(common).astype(np.int64)
+        expected = space_vectors(books, codes[:, 0], codes[:, 1])
         for space in SPACES:
             stored = store.stored_vectors(indices[space], np.array([r.id for r in common]))
             bad = np.flatnonzero(~np.all(stored == expected[space], axis=1))

@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from indexer.catalog import IndexBuild, Patient, Slice, active_build, decode_codes
+from indexer.catalog import IndexBuild, Patient, Slice, active_build, decode_code_rows
 
 READ_TRIES = 5  # commits landing between the two reads of the active build, in a row
 NO_AREA = -1  # area_* of a slice without segmentation
@@ -110,11 +110,9 @@ def read_view(engine: Engine) -> CatalogueView | None:
 
 def _view(build: IndexBuild, rows, patients) -> CatalogueView:
     n = len(rows)
-    codes = np.zeros((n, 2, 8, 8), np.uint16)
+    codes = decode_code_rows(rows)
     areas = np.zeros((n, 4), np.int32)
     for i, r in enumerate(rows):
-        codes[i, 0] = decode_codes(r.normal_codes)
-        codes[i, 1] = decode_codes(r.abnormal_codes)
         areas[i] = [NO_AREA if a is None else a for a in (r.area_tc, r.area_ed, r.area_et)] + [
             r.brain_area]
     return CatalogueView(
