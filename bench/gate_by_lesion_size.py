@@ -33,7 +33,8 @@ def measure(checkpoint: Path, data: Path, batch: int = 64) -> list[str]:
     for start in range(0, len(rows), batch):
         items = [dataset[i] for i in rows[start:start + batch]]
         x = torch.stack([it["image"] for it in items])
-        _, _, logit, _ = model.encoder.split(model.encoder.trunk(model.to_model_size(x)))
+        small = model.to_model_size(x)
+        _, _, logit, _ = model.encoder.split(model.encoder.trunk(small), small)
         gates.append(torch.sigmoid(logit))
         codes.append(model.encode(x).abnormal.flatten(1))
         areas += [int((it["abnormal"] > 0).sum()) for it in items]

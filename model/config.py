@@ -51,9 +51,10 @@ class ModelConfig:
     # of the slice; the gate lets a lesion anywhere decide the code at every position.
     abnormal_gate: bool = False
     # With abnormal_gate: the gate's logit is the maximum over code positions of a per-position
-    # lesion logit (a 3x3 conv on the trunk) instead of a linear map of the pooled trunk, so a
-    # lesion in one cell opens it however small its share of the slice; training can supervise
-    # each position (LossWeights.gate). Not in the paper.
+    # lesion logit instead of a linear map of the pooled trunk, so a lesion in one cell opens it
+    # however small its share of the slice. The logits come from a small CNN of their own that
+    # max-pools (model/encoder.py, LesionDetector); training can supervise each position
+    # (LossWeights.gate). Not in the paper.
     gate_by_position: bool = False
 
     def __post_init__(self) -> None:

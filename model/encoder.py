@@ -35,6 +35,28 @@ class ResBlock(nn.Module):
         return F.relu(h + self.shortcut(x))  # (B, C, H, W)
 
 
+class LesionDetector(nn.Module):
+    """The gate by position's own small CNN: a slice (B, 1, S, S) -> one lesion logit per code
+    position (B, 8, 8). Conv-ReLU then a 2x2 max pool per stage, so a lesion of a few pixels
+    keeps its contrast down to the 8 x 8 grid; the trunk average-pools, which dilutes it 4x per
+    stage."""
+
+    def __init__(self, in_channels: int, stages: int, width: int = 32) -> None:
+        super().__init__()
+        rows: list[nn.Module] = []
+        channels = in_channels
+        for stage in range(stages):
+            out = width // 2 if stage == 0 else width
+            rows += [nn.Conv2d(channels, out, kernel_size=3, padding=1), nn.ReLU(),
+                     nn.MaxPool2d(2)]
+            channels = out
+        self.body = nn.Sequential(*rows)
+        self.head = nn.Conv2d(channels, 1, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))[:, 0]  # (B, 8, 8)
+
+
 class Encoder(nn.Module):
     """x (B, 1, S, S) -> (z_e- normal, z_e+ abnormal), each (B, 64, 8, 8); S = model_size.
 
@@ -64,18 +86,21 @@ class Encoder(nn.Module):
         self.normal_head = nn.Conv2d(width, config.code_dim, kernel_size=3, padding=1)
         self.abnormal_head = nn.Conv2d(width, config.code_dim, kernel_size=3, padding=1)
         # Not in the paper (ModelConfig.abnormal_gate): one gate per slice on the abnormal code.
-        # Zero weights and a bias of 6 open it to sigmoid(6) = 0.998, so a warm start begins
-        # where its source was.
+        # It starts open, sigmoid(6) = 0.998, so a warm start begins where its source was.
         self.abnormal_gate: nn.Linear | None = None  # global max and mean of each trunk channel
-        self.position_gate: nn.Conv2d | None = None  # one lesion logit per code position
+        self.position_gate: LesionDetector | None = None  # one lesion logit per code position
         if config.abnormal_gate and config.gate_by_position:
-            self.position_gate = nn.Conv2d(width, 1, kernel_size=3, padding=1)
+            self.position_gate = LesionDetector(config.in_channels, len(stage_widths) + 1)
         elif config.abnormal_gate:
             self.abnormal_gate = nn.Linear(2 * width, 1)
-        for layer in (self.abnormal_gate, self.position_gate):
-            if layer is not None:
-                nn.init.zeros_(layer.weight)
-                nn.init.constant_(layer.bias, 6.0)
+        self.open_gate()
+
+    def open_gate(self) -> None:
+        """Zero the weights of the gate's last layer and set its bias to 6: open everywhere."""
+        last = self.abnormal_gate if self.position_gate is None else self.position_gate.head
+        if last is not None:
+            nn.init.zeros_(last.weight)
+            nn.init.constant_(last.bias, 6.0)
 
     def trunk(self, x: Tensor) -> Tensor:
         """The shared features before the split: (B, 1, S, S) -> (B, 512, 8, 8)."""
@@ -88,18 +113,22 @@ class Encoder(nn.Module):
         return self.body(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        normal, abnormal, _, _ = self.split(self.trunk(x))
+        normal, abnormal, _, _ = self.split(self.trunk(x), x)
         return normal, abnormal  # (B, 64, 8, 8) each
 
-    def split(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Trunk features (B, 512, 8, 8) -> the normal code, the (gated) abnormal code, the
-        gate's logit (B,) and the per-position lesion logits (B, 8, 8) it is the maximum of.
-        Without a gate both logits are None; the pooled gate has no per-position logits.
-        Training can supervise them with where the slice has a lesion (``LossWeights.gate``)."""
+    def split(self, h: Tensor, x: Tensor | None = None
+              ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Trunk features (B, 512, 8, 8) and the slices they came from (B, 1, S, S), which only
+        the gate by position reads -> the normal code, the (gated) abnormal code, the gate's
+        logit (B,) and the per-position lesion logits (B, 8, 8) it is the maximum of. Without a
+        gate both logits are None; the pooled gate has no per-position logits. Training can
+        supervise them with where the slice has a lesion (``LossWeights.gate``)."""
         abnormal = self.abnormal_head(h)  # (B, 64, 8, 8)
         gate = positions = None
         if self.position_gate is not None:
-            positions = self.position_gate(h)[:, 0]  # (B, 8, 8)
+            if x is None:
+                raise ValueError("the gate by position reads the slices: pass x to split()")
+            positions = self.position_gate(x)  # (B, 8, 8)
             gate = positions.amax((1, 2))  # (B,)
         elif self.abnormal_gate is not None:
             pooled = torch.cat([h.amax((2, 3)), h.mean((2, 3))], 1)  # (B, 2 x 512)

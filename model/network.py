@@ -94,6 +94,7 @@ class DecompositionNet(nn.Module):
         self.segmentation_decoder = SegmentationDecoder(config)
         self.image_decoder = ImageDecoder(config)
         self.apply(he_init)
+        self.encoder.open_gate()  # after He init, which would reset a gate by position
         for module in self.image_decoder.modules():
             if isinstance(module, SPADE):
                 module.reset_modulation()
@@ -122,8 +123,8 @@ class DecompositionNet(nn.Module):
     def _quantize(self, x: Tensor, lesion: Tensor | None = None
                   ) -> tuple[Tensor, Tensor, Quantized, Quantized, Tensor | None, Tensor | None]:
         # (B, 64, 8, 8) each, the gate's logit (B,) and its per-position logits (B, 8, 8)
-        normal_pre, abnormal_pre, gate, positions = self.encoder.split(
-            self.encoder.trunk(self.to_model_size(x)))
+        x = self.to_model_size(x)
+        normal_pre, abnormal_pre, gate, positions = self.encoder.split(self.encoder.trunk(x), x)
         return (
             normal_pre,
             abnormal_pre,

@@ -268,7 +268,7 @@ def test_gate_by_position_warm_started_from_a_pooled_gate(cohort, tmp_path):
     assert payload["config"]["gate_by_position"] is True
     assert payload["train_config"]["gate_by_position"] is True
     assert not any(k.startswith("encoder.abnormal_gate.") for k in payload["model"])
-    assert payload["model"]["encoder.position_gate.weight"].shape[:2] == (1, 16)
+    assert payload["model"]["encoder.position_gate.head.weight"].shape[:2] == (1, 32)
     assert _records(out)[-1]["train_loss"]["gate_positions"] > 0
     source = read_checkpoint(pooled)["model"]["encoder.normal_head.weight"]
     assert torch.allclose(payload["model"]["encoder.normal_head.weight"], source, atol=1e-6)
