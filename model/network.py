@@ -94,7 +94,6 @@ class DecompositionNet(nn.Module):
         self.segmentation_decoder = SegmentationDecoder(config)
         self.image_decoder = ImageDecoder(config)
         self.apply(he_init)
-        self.encoder.open_gate()  # after He init, which would reset a gate by position
         for module in self.image_decoder.modules():
             if isinstance(module, SPADE):
                 module.reset_modulation()
