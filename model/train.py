@@ -279,6 +279,9 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
     if (config.weights.gate or config.gate_by_position) and not config.abnormal_gate:
         raise TrainingError("a gate weight or a gate by position needs the gate: add "
                             "--abnormal-gate")
+    if config.gate_by_position and not config.weights.gate:
+        raise TrainingError("the gate by position learns from its cross-entropy alone: give "
+                            "it a --gate-weight")
     cases, skipped = _load_cases(data)
     fingerprint = data_fingerprint(
         [(c.pid, [f for f in (c.t1ce, c.seg) if f is not None]) for c in cases])

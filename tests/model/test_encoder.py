@@ -135,6 +135,23 @@ def test_gate_by_position_opens_on_a_lesion_in_any_one_cell():
             gated.split(trunk)
 
 
+def test_gate_by_position_learns_from_its_own_logits_only():
+    """The code's losses do not reach the detector; its cross-entropy on the logits does."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    gated = Encoder(dataclasses.replace(preset("tiny"), abnormal_gate=True,
+                                        gate_by_position=True))
+    x = torch.rand(2, 1, 256, 256)
+    _, abnormal, logit, positions = gated.split(gated.trunk(x), x)
+    abnormal.pow(2).sum().backward(retain_graph=True)
+    detector = list(gated.position_gate.parameters())
+    assert all(p.grad is None for p in detector)
+    assert gated.abnormal_head.weight.grad.abs().sum() > 0
+    (logit.sum() + positions.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in detector)
+
+
 def test_gate_by_position_needs_the_gate():
     import dataclasses
 

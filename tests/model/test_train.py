@@ -259,6 +259,9 @@ def test_gate_by_position_warm_started_from_a_pooled_gate(cohort, tmp_path):
     with pytest.raises(TrainingError, match="needs the gate"):
         train([cohort], tmp_path / "alone.pt", _config(steps=2, gate_by_position=True),
               progress=False)
+    with pytest.raises(TrainingError, match="give it a --gate-weight"):
+        train([cohort], tmp_path / "untrained.pt",
+              _config(steps=2, abnormal_gate=True, gate_by_position=True), progress=False)
     out = tmp_path / "positions.pt"
     train([cohort], out, _config(steps=2, init_from=str(pooled), null_code=True,
                                  null_by_slice=True, abnormal_gate=True, gate_by_position=True,
