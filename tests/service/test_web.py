@@ -222,6 +222,35 @@ def test_compose_two_images(page, live_server, indexed_png, other_png):
     wait_first_image(page, "#compose-neighbors")
 
 
+def test_search_and_compose_write_a_large_distance_alike(page, live_server, indexed_png,
+                                                        other_png, monkeypatch):
+    """Item 11: one number format in both grids, also from 1,000 up. The test index's own
+    distances stay below 1,000, so the server (in this process) reports larger ones."""
+    import dataclasses
+
+    from service.retrieval import Retrieval
+
+    large = [2560.4, 2561.4, 123456.7]
+    search = Retrieval.search
+
+    def far(self, *args, **kwargs):
+        hits = search(self, *args, **kwargs)
+        return [dataclasses.replace(h, distance=d) for h, d in zip(hits, large, strict=False)]
+
+    monkeypatch.setattr(Retrieval, "search", far)
+    open_app(page, live_server)
+    upload_and_wait(page, indexed_png, k=3)
+    searched = page.locator("#neighbors .neighbor-card .distance").all_inner_texts()
+    page.click("#mode-compose")
+    page.fill("#compose-k", "3")
+    page.set_input_files("#compose-normal-input", str(indexed_png))
+    with page.expect_response(lambda r: "/compose?" in r.url):
+        page.set_input_files("#compose-abnormal-input", str(other_png))
+    expect(cards(page, "#compose-neighbors")).to_have_count(3)
+    composed = page.locator("#compose-neighbors .neighbor-card .distance").all_inner_texts()
+    assert searched == composed == ["2,560", "2,561", "123,457"]
+
+
 def test_unsupported_upload_shows_the_servers_detail(page, live_server, errors, tmp_path):
     errors.allowed.append("status of 415")
     note = tmp_path / "note.txt"
