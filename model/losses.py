@@ -222,8 +222,8 @@ class DecompositionLoss(torch.nn.Module):
         if w.gate and out.gate_logit is not None:
             extra["gate"] = F.binary_cross_entropy_with_logits(out.gate_logit.float(),
                                                                lesion_slice.float())
-            if out.gate_positions is not None:  # and each position against its cell, at
-                cells = F.adaptive_max_pool2d((target_full > 0).unsqueeze(1).float(),  # 256
+            if out.gate_positions is not None:  # each position against its cell, at 256
+                cells = F.adaptive_max_pool2d((target_full > 0).unsqueeze(1).float(),
                                               out.gate_positions.shape[-2:])[:, 0]
                 extra["gate_positions"] = F.binary_cross_entropy_with_logits(
                     out.gate_positions.float(), cells)
