@@ -73,7 +73,8 @@ def train(
     gate_by_position: Annotated[bool | None, typer.Option(
         "--gate-by-position/--gate-by-pooling",
         help="With --abnormal-gate: the gate opens when any code position sees lesion (the "
-             "maximum of per-position logits) instead of reading the pooled trunk "
+             "maximum of per-position logits from a small CNN of its own, trained by its "
+             "--gate-weight term alone, which it needs) instead of reading the pooled trunk "
              "(default: pooled).")] = None,
     gate_weight: Annotated[float | None, typer.Option(
         help="With --abnormal-gate: weight of the gate's cross-entropy against whether the "
