@@ -390,6 +390,9 @@ def test_a_checkpoint_note_shows_in_the_header_as_text(page, service_index, tiny
         expect(page.locator("#model-note")).to_have_text(f"Model: {note}")
         assert page.locator("#model-note b").count() == 0
     finally:
+        # The page goes first: thumbnails still loading from a stopped server would log
+        # ERR_CONNECTION_REFUSED (seen once in CI).
+        page.close()
         server.should_exit = True
         thread.join(timeout=10)
 
