@@ -86,21 +86,16 @@ class Encoder(nn.Module):
         self.normal_head = nn.Conv2d(width, config.code_dim, kernel_size=3, padding=1)
         self.abnormal_head = nn.Conv2d(width, config.code_dim, kernel_size=3, padding=1)
         # Not in the paper (ModelConfig.abnormal_gate): one gate per slice on the abnormal code.
-        # The pooled one starts open, sigmoid(6) = 0.998, so a warm start from a source without
-        # a gate begins where its source was.
         self.abnormal_gate: nn.Linear | None = None  # global max and mean of each trunk channel
         self.position_gate: LesionDetector | None = None  # one lesion logit per code position
         if config.abnormal_gate and config.gate_by_position:
             self.position_gate = LesionDetector(config.in_channels, len(stage_widths) + 1)
         elif config.abnormal_gate:
+            # Starts open, sigmoid(6) = 0.998 (zero weights), so a warm start from a source
+            # without a gate begins where its source was. The gate by position keeps its He
+            # init: under Adam a bias of 6 would take some 20,000 steps at lr 3e-4 to come down
+            # (measured: stuck open for 500 steps).
             self.abnormal_gate = nn.Linear(2 * width, 1)
-        self.open_gate()
-
-    def open_gate(self) -> None:
-        """Open the pooled gate everywhere: zero weights, a bias of 6. A gate by position keeps
-        its He init: it is new in any warm start, and under Adam a bias of 6 would take some
-        20,000 steps at lr 3e-4 to come down (measured: stuck open for 500 steps)."""
-        if self.abnormal_gate is not None:
             nn.init.zeros_(self.abnormal_gate.weight)
             nn.init.constant_(self.abnormal_gate.bias, 6.0)
 
