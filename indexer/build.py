@@ -303,8 +303,7 @@ class Indexer:
                 ids = np.array(session.scalars(select(Slice.id).where(
                     Slice.patient_id.in_([p.id for p in patients]))).all(), dtype=np.int64)
                 indices = store.read_generation(self.index_dir, current.generation)
-                for space in SPACES:
-                    store.remove_ids(indices[space], ids)
+                store.remove_slices(indices, ids)
                 gen = current.generation + 1
                 store.write_generation(self.index_dir, gen, indices)
                 removed_ids = [p.id for p in patients]
@@ -371,7 +370,7 @@ class Indexer:
             next_slice = current.next_slice_id if current else 1
             books = codebooks_of(model)
             indices = (store.read_generation(self.index_dir, current.generation) if current
-                       else {s: store.empty_index(s, kind, books) for s in SPACES})
+                       else store.empty_indices(kind, books))
             for space in SPACES:
                 if problem := store.kind_problem(indices[space], space, kind, books):
                     raise store.IndexStoreError(f"cannot add to this index: {problem}")
@@ -403,8 +402,7 @@ class Indexer:
             if replaced:
                 old_ids = np.array(session.scalars(select(Slice.id).where(
                     Slice.patient_id.in_([p.id for p in replaced]))).all(), dtype=np.int64)
-                for space in SPACES:
-                    store.remove_ids(indices[space], old_ids)
+                store.remove_slices(indices, old_ids)
                 report.patients_removed = sorted(p.external_id for p in replaced)
             gen = (current.generation if current else 0) + 1
             store.write_generation(self.index_dir, gen, indices)  # before the commit
@@ -465,11 +463,15 @@ class Indexer:
         store.collect_garbage(self.index_dir, current.generation if current else None, ids)
 
     def _sizes(self, report: IndexReport, indices: dict) -> IndexReport:
+        """Bytes per slice and the files' sizes; a codebook concat has no file (0 bytes)."""
         total = 0
         for space in SPACES:
-            size = store.faiss_path(self.index_dir, space, report.generation).stat().st_size
-            total += size
             report.bytes_per_slice[space] = store.slice_bytes(indices[space])
-            report.fixed_bytes[space] = size - indices[space].ntotal * report.bytes_per_slice[space]
+            report.fixed_bytes[space] = 0
+            if space in store.stored_spaces(report.kind):
+                size = store.faiss_path(self.index_dir, space, report.generation).stat().st_size
+                total += size
+                report.fixed_bytes[space] = (size - indices[space].ntotal
+                                             * report.bytes_per_slice[space])
         report.index_bytes = total
         return report

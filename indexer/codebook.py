@@ -5,7 +5,12 @@ vectors, so in the position-major layout (``indexer.layout``) a product quantize
 sub-quantizer per position, each holding the space's codebook as its centroids, stores every
 vector exactly as its 64 code indices (9 bits each for K = 512: 72 bytes instead of 16 KiB), and
 its distance (query sub-vector to centroid, summed over positions) is the flat index's L2^2.
-``concat`` has 128 sub-quantizers: the 64 normal positions, then the 64 abnormal ones.
+
+Only ``normal`` and ``abnormal`` are stored. A ``concat`` code is the normal code followed by the
+abnormal one and its L2^2 is the sum of theirs, so ``ConcatScan`` reads it from those two
+indices instead of holding a third copy of every code, which took half the memory (README, "cbir
+bench search"). A ``concat`` file an index directory written before holds is no longer read.
+``make_index`` still makes a stored concat index, which the tests compare ``ConcatScan`` with.
 
 FAISS holds it as an ``IndexIVFPQ`` with one inverted list and ``by_residual`` off rather than an
 ``IndexPQ``: the same codes, the same distance table and scan, but ``IndexPQ`` refuses an
@@ -27,6 +32,8 @@ import numpy as np
 
 from indexer.layout import CODE_DIM, DIMS, POSITIONS
 
+STORED = ("normal", "abnormal")  # the spaces a codebook index stores; concat is read
+# from both (``ConcatScan``)
 PARTS = {"normal": ("normal",), "abnormal": ("abnormal",), "concat": ("normal", "abnormal")}
 
 
@@ -145,3 +152,88 @@ def decode(index: faiss.IndexIVFPQ, ids: np.ndarray) -> np.ndarray:
     if not len(ids):
         return np.zeros((0, index.d), np.float32)
     return index.sa_decode(codes[order[at]])
+
+
+# -- concat, read from the normal and abnormal indices -------------------------------------------
+
+SCAN_CHUNK = 1 << 20  # slices whose distances a concat search holds at once (about 40 MiB)
+_FAR = np.finfo(np.float32).max  # what FAISS reports for a neighbour it could not fill
+
+
+def _ids_view(index: faiss.IndexIVFPQ) -> np.ndarray:
+    """The slice ids the index holds, in scan order, as a view of FAISS's memory (no copy)."""
+    lists = faiss.downcast_index(index).invlists
+    n = lists.list_size(0)
+    return faiss.rev_swig_ptr(lists.get_ids(0), n) if n else np.zeros(0, np.int64)
+
+
+def _nearest(distances: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k smallest distances, ties broken by the smaller id, in order."""
+    if len(distances) > k:
+        keep = distances <= np.partition(distances, k - 1)[k - 1]
+        distances, ids = distances[keep], ids[keep]
+    order = np.lexsort((ids, distances))[:k]
+    return distances[order], ids[order]
+
+
+class ConcatScan:
+    """The ``concat`` space of a codebook index, searched through its normal and abnormal indices.
+
+    For each query, both parts are scanned in ranges of ``SCAN_CHUNK`` slice ids for every
+    slice's distance (FAISS ``range_search`` with an infinite radius, the filter's selector
+    applied inside the scan); a slice's concat distance is the sum of its two, exactly as
+    a 128-position scan adds the same terms; the k smallest are kept, ties by id. It costs the two
+    scans a stored concat index would cost in one, and at most ``SCAN_CHUNK`` distances and ids
+    of each part at a time. It answers ``search`` as a FAISS index does, and stores nothing:
+    adding or removing slices is done on the two parts."""
+
+    def __init__(self, normal: faiss.Index, abnormal: faiss.Index):
+        # The objects given, not ``faiss.downcast_index`` copies: a copy does not own the C++
+        # index, which the given object frees when it is collected.
+        self.normal, self.abnormal = normal, abnormal
+        self.d = normal.d + abnormal.d
+
+    @property
+    def ntotal(self) -> int:
+        return self.normal.ntotal
+
+    def search(self, x: np.ndarray, k: int, params: faiss.SearchParameters | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(nq, k) distances and ids, padded as FAISS pads (id -1) when fewer slices pass."""
+        x = np.ascontiguousarray(x, np.float32).reshape(-1, self.d)
+        out_d = np.full((len(x), k), _FAR, np.float32)
+        out_i = np.full((len(x), k), -1, np.int64)
+        selector = None if params is None else params.sel
+        for q, query in enumerate(x):
+            d, i = self._search_one(query, k, selector)
+            out_d[q, :len(d)], out_i[q, :len(i)] = d, i
+        return out_d, out_i
+
+    def _ranges(self) -> list[tuple[int, int] | None]:
+        ids = _ids_view(self.normal)
+        if len(ids) <= SCAN_CHUNK:
+            return [None]  # one scan, no range selector
+        edges = np.unique(np.append(ids[::SCAN_CHUNK], ids.max() + 1))
+        edges[0] = min(edges[0], ids.min())  # scan order is id order; hold even if it were not
+        return list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+
+    def _search_one(self, query: np.ndarray, k: int, selector: faiss.IDSelector | None):
+        qn = np.ascontiguousarray(query[None, :self.normal.d])
+        qa = np.ascontiguousarray(query[None, self.normal.d:])
+        best_d, best_i = np.zeros(0, np.float32), np.zeros(0, np.int64)
+        for bounds in self._ranges():
+            sel = selector
+            if bounds is not None:
+                chunk = faiss.IDSelectorRange(*bounds)
+                sel = chunk if selector is None else faiss.IDSelectorAnd(chunk, selector)
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=1) if sel is not None else None
+            _, dn, id_n = self.normal.range_search(qn, np.inf, params=params)
+            _, da, id_a = self.abnormal.range_search(qa, np.inf, params=params)
+            if not np.array_equal(id_n, id_a):  # both lists are kept in id order; align anyway
+                on, oa = np.argsort(id_n), np.argsort(id_a)
+                if not np.array_equal(id_n[on], id_a[oa]):
+                    raise ValueError("the normal and abnormal indices hold different slice ids")
+                dn, da, id_n = dn[on], da[oa], id_n[on]
+            best_d, best_i = _nearest(np.concatenate([best_d, dn + da]),
+                                      np.concatenate([best_i, id_n]), k)
+        return best_d, best_i

@@ -1,17 +1,20 @@
-"""An index directory: three FAISS indices per generation, slice thumbnails, a catalogue.
+"""An index directory: the FAISS indices of each generation, slice thumbnails, a catalogue.
 
     INDEX_DIR/
       index.json                  format, kind, catalogue URL (when not the default), checkpoint
       catalog.sqlite              the default catalogue (SQLite)
-      faiss/<space>-<gen>.faiss   one index per space keyed by slice id, of the directory's kind:
-                                  flat      IndexIDMap2(IndexFlatL2), the float vectors
-                                  codebook  the codes as an exact product quantizer
+      faiss/<space>-<gen>.faiss   the indices keyed by slice id, of the directory's kind:
+                                  flat      one per space, IndexIDMap2(IndexFlatL2), the float
+                                            vectors
+                                  codebook  normal and abnormal, the codes as an exact product
+                                            quantizer; concat is read from those two
                                             (``indexer.codebook``)
+      faiss/reference-<gen>.npz   between-patient nearest-neighbour distances (indexer/reference.py)
       slices/<patient id>.npz     the patient's indexed slices as 8-bit images and label maps
       .lock                       held by the one writer
 
 How a change stays crash-safe: every change (build, add, remove) writes a NEW generation of the
-three index files (temporary name, fsync, ``os.replace``) and the new patients' thumbnails
+index files (temporary name, fsync, ``os.replace``) and the new patients' thumbnails
 before it touches the catalogue. Then ONE catalogue transaction inserts or deletes the rows and
 flips ``index_builds.status = 'active'`` to the new generation: that commit is the switch. A
 crash before it leaves the previous generation active with its rows; a crash after it leaves the
@@ -39,7 +42,7 @@ from model.atomic import atomic_write
 FORMAT = "compositional-cbir/index"
 FAISS_DIR = "faiss"
 SLICES_DIR = "slices"
-# A generation's files: its three FAISS indices and its reference distances (indexer/reference.py).
+# A generation's files: its FAISS indices and its reference distances (indexer/reference.py).
 _FAISS_NAME = re.compile(r"^(normal|abnormal|concat|reference)-(\d+)\.(faiss|npz)$")
 KINDS = ("flat", "codebook")
 DEFAULT_KIND = "flat"
@@ -103,15 +106,17 @@ def reference_path(index_dir: Path, generation: int) -> Path:
 
 
 def generation_paths(index_dir: Path, generation: int) -> list[Path]:
-    """Every file a generation may hold: its three FAISS indices, and its reference distances
-    (absent with fewer than two patients, and in generations written before they existed)."""
+    """Every file a generation may hold: its FAISS indices (no concat file in a codebook index),
+    and its reference distances (absent with fewer than two patients, and in generations written
+    before they existed)."""
     return [*(faiss_path(index_dir, s, generation) for s in SPACES),
             reference_path(index_dir, generation)]
 
 
 def empty_index(space: str, kind: str = DEFAULT_KIND,
                 codebooks: dict[str, np.ndarray] | None = None) -> faiss.Index:
-    """An empty index; the codebook kind needs the model's codebooks."""
+    """An empty index of one space that stores its vectors (not a codebook kind's concat, which
+    ``empty_indices`` reads from the other two); the codebook kind needs the model's codebooks."""
     if kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatL2(DIMS[space]))
     if kind == "codebook":
@@ -121,8 +126,24 @@ def empty_index(space: str, kind: str = DEFAULT_KIND,
     raise ValueError(f"unknown index kind {kind!r}: use one of {', '.join(KINDS)}")
 
 
+def empty_indices(kind: str = DEFAULT_KIND,
+                  codebooks: dict[str, np.ndarray] | None = None) -> dict[str, faiss.Index]:
+    """The three spaces' empty indices of a new generation."""
+    if kind != "codebook":
+        return {space: empty_index(space, kind, codebooks) for space in SPACES}
+    out = {space: empty_index(space, kind, codebooks) for space in codebook.STORED}
+    return {**out, "concat": codebook.ConcatScan(out["normal"], out["abnormal"])}
+
+
+def _stored(indices: dict[str, faiss.Index]) -> dict[str, faiss.Index]:
+    """The indices that hold vectors of their own (all but a ``ConcatScan``)."""
+    return {s: i for s, i in indices.items() if not isinstance(i, codebook.ConcatScan)}
+
+
 def index_kind(index: faiss.Index) -> str:
     """``flat`` or ``codebook``, from the FAISS types the index is made of."""
+    if isinstance(index, codebook.ConcatScan):
+        return "codebook"
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexIVFPQ) and index.nlist == 1 and not index.by_residual:
         return "codebook"
@@ -134,31 +155,43 @@ def index_kind(index: faiss.Index) -> str:
 
 def add_slices(indices: dict[str, faiss.Index], codebooks: dict[str, np.ndarray],
                normal_idx: np.ndarray, abnormal_idx: np.ndarray, ids: np.ndarray) -> None:
-    """Add slices, given by their code indices (B, 8, 8), to the three indices of one kind."""
+    """Add slices, given by their code indices (B, 8, 8), to a generation's indices of one kind."""
     kinds = {index_kind(indices[s]) for s in SPACES}
     if kinds == {"flat"}:
         vectors = space_vectors(codebooks, normal_idx, abnormal_idx)
         for space in SPACES:
             indices[space].add_with_ids(vectors[space], ids)
     elif kinds == {"codebook"}:
+        stored = _stored(indices)
         codes = codebook.space_codes(normal_idx, abnormal_idx,
-                                     codebook.bits_of(indices[SPACES[0]]))
-        for space in SPACES:
-            codebook.add(indices[space], codes[space], ids)
+                                     codebook.bits_of(indices["normal"]), spaces=tuple(stored))
+        for space, index in stored.items():
+            codebook.add(index, codes[space], ids)
     else:
         raise IndexStoreError(f"indices of mixed or unknown kinds: {sorted(kinds)}")
 
 
-def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
-    """Remove slices by id, keeping the order of the others. Returns how many were removed."""
+def remove_slices(indices: dict[str, faiss.Index], ids: np.ndarray) -> int:
+    """Remove slices by id from a generation's indices, keeping the order of the others.
+    Returns how many were removed (from each space)."""
     ids = np.ascontiguousarray(ids, np.int64)
-    if index_kind(index) == "codebook":
-        return codebook.remove_ids(faiss.downcast_index(index), ids)
-    return index.remove_ids(faiss.IDSelectorBatch(ids))
+    removed = set()
+    for index in _stored(indices).values():
+        if index_kind(index) == "codebook":
+            removed.add(codebook.remove_ids(faiss.downcast_index(index), ids))
+        else:
+            removed.add(index.remove_ids(faiss.IDSelectorBatch(ids)))
+    if len(removed) != 1:
+        raise IndexStoreError(f"the indices of one generation held different slices: "
+                              f"removed {sorted(removed)}")
+    return removed.pop()
 
 
 def stored_vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
     """The vectors an index holds for slice ``ids``, (len(ids), d)."""
+    if isinstance(index, codebook.ConcatScan):
+        return np.concatenate([stored_vectors(index.normal, ids),
+                               stored_vectors(index.abnormal, ids)], axis=1)
     if index_kind(index) == "codebook":
         return codebook.decode(faiss.downcast_index(index), ids)
     return np.stack([index.reconstruct(int(i)) for i in ids]) if len(ids) else \
@@ -172,6 +205,8 @@ def kind_problem(index: faiss.Index, space: str, kind: str,
     found = index_kind(index)
     if found != kind:
         return f"the {space} index is of kind {found}, index.json records {kind}"
+    if isinstance(index, codebook.ConcatScan):
+        return None  # its parts are checked as the normal and abnormal indices
     if kind == "codebook" and not np.array_equal(
             codebook.stored_centroids(faiss.downcast_index(index)),
             codebook.centroids(space, codebooks)):
@@ -180,8 +215,11 @@ def kind_problem(index: faiss.Index, space: str, kind: str,
 
 
 def slice_bytes(index: faiss.Index) -> int:
-    """Bytes each slice adds to an index file: its vector (flat) or code (codebook), and its id.
-    A codebook index file also holds the codebooks, whatever its size."""
+    """Bytes each slice adds to an index file: its vector (flat) or code (codebook), and its id;
+    none for a codebook kind's concat, which has no file. A codebook index file also holds the
+    codebooks, whatever its size."""
+    if isinstance(index, codebook.ConcatScan):
+        return 0
     if index_kind(index) == "codebook":
         return faiss.downcast_index(index).code_size + 8
     return 4 * index.d + 8
@@ -195,15 +233,25 @@ def search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.S
 
 
 def write_generation(index_dir: Path, generation: int, indices: dict[str, faiss.Index]) -> None:
-    for space in SPACES:
-        chunk = faiss.serialize_index(indices[space])
+    """The files of the indices that store vectors: three for flat, two for codebook."""
+    for space, index in _stored(indices).items():
+        chunk = faiss.serialize_index(index)
         atomic_write(faiss_path(index_dir, space, generation),
                      lambda fh, c=chunk: fh.write(memoryview(c)))
 
 
+def stored_spaces(kind: str) -> tuple[str, ...]:
+    """The spaces whose index a generation of ``kind`` keeps in a file."""
+    return codebook.STORED if kind == "codebook" else SPACES
+
+
 def read_generation(index_dir: Path, generation: int) -> dict[str, faiss.Index]:
+    """The three spaces' indices, of the kind index.json records. A codebook generation's concat
+    is read from its normal and abnormal indices (a concat file an older version wrote beside
+    them is not read)."""
+    spaces = stored_spaces(manifest_kind(read_manifest(index_dir)))
     out = {}
-    for space in SPACES:
+    for space in spaces:
         path = faiss_path(index_dir, space, generation)
         if not path.is_file():
             raise IndexStoreError(f"{path}: index file of the active generation is missing")
@@ -211,11 +259,15 @@ def read_generation(index_dir: Path, generation: int) -> dict[str, faiss.Index]:
             out[space] = faiss.read_index(str(path))
         except RuntimeError as exc:
             raise IndexStoreError(f"{path}: unreadable FAISS index ({exc})") from exc
+    if "concat" not in out:
+        out["concat"] = codebook.ConcatScan(out["normal"], out["abnormal"])
     return out
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
     """The slice ids an index holds."""
+    if isinstance(index, codebook.ConcatScan):
+        return index_ids(index.normal)
     if index_kind(index) == "codebook":
         return codebook.stored(faiss.downcast_index(index))[0]
     return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)

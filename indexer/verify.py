@@ -156,6 +156,9 @@ def stats(index_dir: Path | str, db_url: str | None = None) -> dict:
     sizes, per_slice = {}, {}
     if current is not None:
         for space in SPACES:
+            sizes[space] = per_slice[space] = 0  # a codebook concat: read from the other two
+            if space not in store.stored_spaces(kind):
+                continue
             path = store.faiss_path(index_dir, space, current.generation)
             sizes[space] = path.stat().st_size
             # A flat file is not read for its figure (16 KiB a slice); a codebook file is small.

@@ -32,7 +32,8 @@ DbOpt = Annotated[
 ]
 CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", help="Model checkpoint.")]
 KIND_HELP = ("flat: IndexFlatL2 of the float vectors; codebook: the code indices in an exact "
-             "product quantizer of the codebooks (same results, 72 B per slice and space).")
+             "product quantizer of the codebooks (same results, 80 B per slice in normal and in "
+             "abnormal, concat read from those two).")
 
 
 @app.callback()
@@ -206,7 +207,9 @@ def _print_report(report) -> None:
     if report.slices_added:
         typer.echo(f"encoded {report.slices_added} slices in {report.encode_seconds:.1f} s "
                    f"({report.slices_per_s:.1f} slices/s)")
-    per = ", ".join(f"{s} {b:,} B" for s, b in report.bytes_per_slice.items())
+    per = ", ".join(f"{s} {b:,} B" if b or report.kind != "codebook" else
+                    f"{s} read from normal and abnormal"
+                    for s, b in report.bytes_per_slice.items())
     typer.echo(f"bytes per slice: {per}; index files {report.index_bytes / 2**20:.1f} MiB"
                f"{_fixed_note(report.kind, report.fixed_bytes)}")
     for path, problem in report.skipped:
@@ -268,7 +271,7 @@ def index_add(index: IndexOpt, data: DataOpt, checkpoint: CheckpointOpt = None,
 def index_remove(index: IndexOpt,
                  patient: Annotated[list[str], typer.Option(help="Patient id (repeatable).")],
                  db: DbOpt = None) -> None:
-    """Remove patients from the catalogue and from all three indices."""
+    """Remove patients from the catalogue and from the indices."""
     from indexer.build import Indexer
 
     try:
@@ -311,6 +314,9 @@ def index_stats(index: IndexOpt, db: DbOpt = None) -> None:
                f"{(s['checkpoint_sha256'] or '')[:12]}): {s['patients']} patients, "
                f"{s['slices']} slices, {frac} with abnormality; {s['kind']} index")
     for space, size in s["index_bytes"].items():
+        if not s["bytes_per_slice"][space]:  # a codebook concat: no file of its own
+            typer.echo(f"  {space:>8}: no file, read from the normal and abnormal indices")
+            continue
         typer.echo(f"  {space:>8}: {size / 2**20:.1f} MiB, {s['bytes_per_slice'][space]:,} "
                    f"B per slice" + (f" + {s['fixed_bytes'][space] / 2**20:.1f} MiB of "
                                      f"codebooks" if s["kind"] == "codebook" else ""))

@@ -2,10 +2,11 @@
 
 Nothing here knows HTTP. ``Retrieval.open`` loads an index directory's active generation and the
 checkpoint it was built with (refusing any other), and keeps in memory what every request needs:
-the codebooks, the three FAISS indices and the generation's view of the catalogue (each slice's
-code indices, patient, label flags and areas; ``service.catalogue_view``), so no request reads the
-catalogue. ``reopen`` loads a newer generation beside a served one (``service.live`` swaps them).
-Uploaded pixels live only in the arguments and return values of these methods.
+the codebooks, the FAISS indices of the three spaces and the generation's view of the catalogue
+(each slice's code indices, patient, label flags and areas; ``service.catalogue_view``), so no
+request reads the catalogue. ``reopen`` loads a newer generation beside a served one
+(``service.live`` swaps them). Uploaded pixels live only in the arguments and return values of
+these methods.
 """
 
 from __future__ import annotations

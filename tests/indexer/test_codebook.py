@@ -49,7 +49,7 @@ def random_codes(rng, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def both_kinds(books, normal, abnormal, ids) -> dict[str, dict[str, faiss.Index]]:
-    out = {kind: {s: store.empty_index(s, kind, books) for s in SPACES} for kind in store.KINDS}
+    out = {kind: store.empty_indices(kind, books) for kind in store.KINDS}
     for indices in out.values():
         store.add_slices(indices, books, normal, abnormal, ids)
     return out
@@ -141,8 +141,12 @@ def test_packed_codes_are_faiss_pq_codes(size):
 # -- rankings ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("space", SPACES)
-def test_codebook_ranks_like_flat_on_random_codes(space):
+@pytest.mark.parametrize(("space", "scan_chunk"), [
+    *((s, codebook.SCAN_CHUNK) for s in SPACES),
+    ("concat", 64),  # concat scanned in ranges of 64 ids, across the removed patient's hole
+])
+def test_codebook_ranks_like_flat_on_random_codes(space, scan_chunk, monkeypatch):
+    monkeypatch.setattr(codebook, "SCAN_CHUNK", scan_chunk)
     rng = np.random.default_rng(5)
     books = random_books(rng)
     n = 600
@@ -153,7 +157,7 @@ def test_codebook_ranks_like_flat_on_random_codes(space):
     # removals and a later add, as `cbir index remove/add` make them
     gone = np.flatnonzero(patient == 3)
     for kind in store.KINDS:
-        assert store.remove_ids(indices[kind][space], ids[gone]) == len(gone)
+        assert store.remove_slices(indices[kind], ids[gone]) == len(gone)
     later_n, later_a, later_l = random_codes(rng, 40)
     later_ids = np.arange(n + 1, n + 41, dtype=np.int64)
     for kind in store.KINDS:
@@ -214,13 +218,17 @@ def test_codebook_ranks_like_flat_on_encoded_slices(encoded_pair, tiny_checkpoin
     flat_codes = {"normal": normal.reshape(len(ids), -1),
                   "abnormal": abnormal.reshape(len(ids), -1)}
     flat_codes["concat"] = np.concatenate([flat_codes["normal"], flat_codes["abnormal"]], axis=1)
-    for space in SPACES:
+    for space in codebook.STORED:
         index = snap.indices[space]
         assert store.index_kind(index) == "codebook"
         assert store.kind_problem(index, space, "codebook", books) is None
         held, codes = codebook.stored(faiss.downcast_index(index))
         np.testing.assert_array_equal(held, ids)
         np.testing.assert_array_equal(codebook.unpack(codes, width[space], 9), flat_codes[space])
+    # concat is read from those two: no third copy of the codes, no file
+    assert isinstance(snap.indices["concat"], codebook.ConcatScan)
+    np.testing.assert_array_equal(store.index_ids(snap.indices["concat"]), ids)
+    assert not store.faiss_path(index_dir, "concat", snap.generation).exists()
 
     flat = {s: store.empty_index(s, "flat") for s in SPACES}
     store.add_slices(flat, books, normal, abnormal, ids)  # what a flat build of them holds
@@ -234,6 +242,39 @@ def test_codebook_ranks_like_flat_on_encoded_slices(encoded_pair, tiny_checkpoin
         for row in picks:
             assert_ranks_like_brute_force(pair, vectors[space][row], vectors[space], ids,
                                           filters, 10, f"{space} slice {ids[row]}")
+
+
+def test_concat_scan_answers_as_a_stored_concat_index(monkeypatch):
+    """The concat space read from the normal and abnormal indices answers batched queries, with
+    and without a filter, scanned in ranges or in one go, and k beyond what passes (padded with
+    id -1 as FAISS pads), as a stored 128-position index of the same codes; two parts holding
+    different slices are named."""
+    rng = np.random.default_rng(8)
+    books = random_books(rng)
+    normal, abnormal, lesion = random_codes(rng, 300)
+    ids = np.arange(1000, 1300, dtype=np.int64)
+    indices = store.empty_indices("codebook", books)
+    store.add_slices(indices, books, normal, abnormal, ids)
+    assert isinstance(indices["concat"], codebook.ConcatScan) and indices["concat"].ntotal == 300
+    stored = codebook.make_index("concat", books)
+    codebook.add(stored, codebook.space_codes(normal, abnormal, 9)["concat"], ids)
+    queries = np.concatenate([space_vectors(books, normal[:4], abnormal[:4])["concat"],
+                              rng.normal(size=(2, DIMS["concat"])).astype(np.float32)])
+    for chunk in (codebook.SCAN_CHUNK, 64, 1):
+        monkeypatch.setattr(codebook, "SCAN_CHUNK", chunk)
+        for keep, k in ((None, 10), (None, 400), (lesion, 10), (lesion, 200)):
+            params = {name: None if keep is None else store.search_parameters(
+                index, faiss.IDSelectorBatch(ids[keep]))
+                for name, index in (("scan", indices["concat"]), ("stored", stored))}
+            d_scan, i_scan = indices["concat"].search(queries, k, params=params["scan"])
+            d_stored, i_stored = stored.search(queries, k, params=params["stored"])
+            assert i_scan.tolist() == i_stored.tolist(), (chunk, k)
+            np.testing.assert_allclose(d_scan, d_stored, rtol=1e-5)
+            assert (i_scan == -1).sum() == len(queries) * max(
+                0, k - (300 if keep is None else int(keep.sum())))
+    codebook.remove_ids(indices["abnormal"], ids[:1])
+    with pytest.raises(ValueError, match="hold different slice ids"):
+        indices["concat"].search(queries[:1], 5)
 
 
 def test_search_index_keeps_the_codebook_kind_on_the_cpu():
@@ -294,8 +335,8 @@ def test_cli_codebook_index_end_to_end(minis, tiny_checkpoint, tmp_path):
                         tiny_checkpoint, "--workers", 0, "--kind", kind)
         assert result.exit_code == 0, result.output
         assert store.read_manifest(index)["kind"] == kind
-    assert ("bytes per slice: normal 80 B, abnormal 80 B, concat 152 B; index files"
-            in result.output), result.output  # 72 or 144 bytes of code and an 8-byte id
+    assert ("bytes per slice: normal 80 B, abnormal 80 B, concat read from normal and abnormal; "
+            "index files" in result.output), result.output  # 72 bytes of code, an 8-byte id
     out = invoke("index", "build", "--data", minis[a], "--out", dirs["codebook"], "--checkpoint",
                  tiny_checkpoint, "--kind", "codebook").output
     assert "already holds an index" in out, out
@@ -324,15 +365,17 @@ def test_cli_codebook_index_end_to_end(minis, tiny_checkpoint, tmp_path):
 
     s = stats(dirs["codebook"])
     assert (s["kind"], s["patients"], s["slices"]) == ("codebook", 2, 20), s
-    assert s["bytes_per_slice"] == {"normal": 80, "abnormal": 80, "concat": 152}, s
+    assert s["bytes_per_slice"] == {"normal": 80, "abnormal": 80, "concat": 0}, s
+    assert s["index_bytes"]["concat"] == s["fixed_bytes"]["concat"] == 0, s
     model, _ = load_model(tiny_checkpoint)
     books = codebooks_of(model)
-    for space in SPACES:  # what does not grow with the slices: the codebooks, mostly
+    for space in codebook.STORED:  # what does not grow with the slices: the codebooks, mostly
         empty = faiss.serialize_index(store.empty_index(space, "codebook", books))
         assert 0 <= s["fixed_bytes"][space] - len(empty) <= 64, (space, s["fixed_bytes"])
     result = invoke("index", "stats", "--index", dirs["codebook"])
     assert "codebook index" in result.output, result.output
     assert "normal: 8.0 MiB, 80 B per slice + 8.0 MiB of codebooks" in result.output
+    assert "concat: no file, read from the normal and abnormal indices" in result.output
     assert stats(dirs["flat"])["kind"] == "flat"
 
     # The same patients got the same slice ids in both directories.
