@@ -7,7 +7,9 @@ code null outside a few lesion positions (the code ``--null-code`` training give
 positions). Queries are slices of other synthetic patients. Per size, space and kind the index is
 built from code indices as ``cbir index`` builds it (float vectors added to ``IndexFlatL2``, or
 packed codes to the codebook index), measured, and freed before the next, so its resident memory
-is its own. A flat index that would not fit in the memory allowed is not built, and the table
+is its own. The codebook kind's ``concat`` is read from a normal and an abnormal index
+(``codebook.ConcatScan``): its row builds and holds those two, and the kind's total counts them
+once. A flat index that would not fit in the memory allowed is not built, and the table
 says so. Figures are measured, never asserted; they depend on the machine and its load.
 
 Filters are the service's two, as FAISS selectors built once per query (exclude_patient: every
@@ -50,6 +52,8 @@ class Measured:
     build_s: float = 0.0
     bytes_per_slice: int = 0  # store.slice_bytes: what each slice adds to the file
     resident_mib: float = 0.0  # growth of the process's resident memory while building it
+    query_peak_mib: float = 0.0  # the peak resident memory single queries add above that
+    reads_parts: bool = False  # a codebook concat: its memory is the normal and abnormal indices'
     latency_ms: dict[str, list[float]] = field(default_factory=dict)  # one query at a time
     cpu_ms: dict[str, float] = field(default_factory=dict)  # process CPU per single query
     batch_qps: dict[str, float] = field(default_factory=dict)  # queries/s in batches
@@ -127,6 +131,24 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak() -> bool:
+    """Start the kernel's peak-resident count (VmHWM) afresh; False where that is refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def available_bytes() -> int:
     with open("/proc/meminfo") as fh:
         for line in fh:
@@ -147,7 +169,12 @@ def flat_bytes(size: int, space: str) -> int:
 
 def _build(kind: str, space: str, size: int, books, null_code: int, seed: int):
     """The index and its lesion bitmap (bit i: slice id i has a lesion), and the seconds spent
-    turning code indices into the index (code generation excluded)."""
+    turning code indices into the index (code generation excluded). A codebook concat is built
+    as the service holds it: a normal and an abnormal index, read together."""
+    if kind == "codebook" and space == "concat":
+        normal, lesion_bits, normal_s = _build(kind, "normal", size, books, null_code, seed)
+        abnormal, _, abnormal_s = _build(kind, "abnormal", size, books, null_code, seed)
+        return codebook.ConcatScan(normal, abnormal), lesion_bits, normal_s + abnormal_s
     index = store.empty_index(space, kind, books)
     lesion_bits = np.zeros((size + 7) // 8, np.uint8)
     seconds = 0.0
@@ -202,6 +229,8 @@ def _measure(index, m: Measured, queries: np.ndarray, patients: np.ndarray, lesi
     throughput (at least one batch) per filter. Returns the unfiltered top-10 ids of the
     single queries."""
     top = np.zeros((0, K_NEIGHBOURS), np.int64)
+    base = _rss()
+    peak_known = _reset_peak()
     for name in FILTERS:
         index.search(queries[:1], K_NEIGHBOURS)  # warm-up: first calls allocate
         times, cpu, ids = [], 0.0, []
@@ -217,6 +246,8 @@ def _measure(index, m: Measured, queries: np.ndarray, patients: np.ndarray, lesi
             ids.append(got[0])
         m.latency_ms[name] = times
         m.cpu_ms[name] = cpu / len(times)
+        if peak_known:
+            m.query_peak_mib = max(m.query_peak_mib, (_peak() - base) / 2**20)
         if name == "none":
             top = np.stack(ids)
         done, started = 0, time.perf_counter()
@@ -270,6 +301,7 @@ def run(sizes: list[int], spaces: list[str], checkpoint: Path, kinds=store.KINDS
                 index, lesion_bits, m.build_s = _build(kind, space, size, books, null_code, seed)
                 m.resident_mib = (_rss() - before) / 2**20
                 m.bytes_per_slice = store.slice_bytes(index)
+                m.reads_parts = isinstance(index, codebook.ConcatScan)
                 top = _measure(index, m, queries, patients, lesion_bits, n_queries, batch,
                                budget_s)
                 if kind == "flat":
@@ -289,7 +321,7 @@ def run(sizes: list[int], spaces: list[str], checkpoint: Path, kinds=store.KINDS
 
 def table(results: list[Measured]) -> list[str]:
     """A Markdown table, one row per index, and the lines that summarise it."""
-    head = ["slices", "space", "kind", "build s", "B/slice", "resident MiB",
+    head = ["slices", "space", "kind", "build s", "B/slice", "resident MiB", "query peak MiB",
             "p50 / p95 ms", "excl. patient p50 / p95", "lesion only p50 / p95",
             "CPU ms/query", "batch q/s: none / excl. / lesion", "top-10 = flat"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -298,7 +330,9 @@ def table(results: list[Measured]) -> list[str]:
         if m.skipped:
             cells += [f"not run: {m.skipped}"] + [""] * (len(head) - 4)
         else:
-            cells += [f"{m.build_s:.1f}", f"{m.bytes_per_slice:,}", f"{m.resident_mib:,.0f}",
+            cells += [f"{m.build_s:.1f}",
+                      "normal + abnormal" if m.reads_parts else f"{m.bytes_per_slice:,}",
+                      f"{m.resident_mib:,.0f}", f"{m.query_peak_mib:,.0f}",
                       *(f"{m.p(f, 50):.2f} / {m.p(f, 95):.2f}" for f in FILTERS),
                       f"{m.cpu_ms['none']:.2f}",
                       " / ".join(f"{m.batch_qps[f]:,.1f}" for f in FILTERS),
@@ -310,9 +344,12 @@ def table(results: list[Measured]) -> list[str]:
     for size in sorted({m.size for m in results}):
         cb = [m for m in built if m.size == size and m.kind == "codebook"]
         if cb:
-            lines.append(f"codebook kind at {size:,} slices: {sum(m.resident_mib for m in cb):,.0f}"
-                         f" MiB resident in {len(cb)} space(s) "
-                         f"({', '.join(m.space for m in cb)})")
+            # A concat row holds a normal and an abnormal index: what all three spaces need.
+            scan = next((m for m in cb if m.reads_parts), None)
+            total = scan.resident_mib if scan else sum(m.resident_mib for m in cb)
+            note = " (concat reads the normal and abnormal indices)" if scan else ""
+            lines.append(f"codebook kind at {size:,} slices: {total:,.0f} MiB resident for "
+                         f"{', '.join(m.space for m in cb)}{note}")
         for m in cb:
             flat = next((f for f in built if (f.size, f.space, f.kind) == (size, m.space, "flat")),
                         None)
