@@ -110,7 +110,10 @@ def _cohort_of(out: Path, folders: list[Path]) -> Path:
 class Campaign:
     def __init__(self, data: Path, checkpoint: Path | None, work: Path, base: int,
                  seconds: float, levels: list[int], retry_s: float, queries: int,
-                 reload_interval_s: float):
+                 reload_interval_s: float, kind: str = store.DEFAULT_KIND):
+        if kind not in store.KINDS:
+            raise typer.BadParameter(f"--kind {kind!r}: use one of {', '.join(store.KINDS)}")
+        self.kind = kind
         self.work = work
         self.index = work / "index"
         self.log = work / "campaign.log"
@@ -143,7 +146,7 @@ class Campaign:
 
     def prepare(self) -> None:
         args = ["index", "build", "--data", str(self.base_cohort), "--out", str(self.index),
-                "--checkpoint", str(self.checkpoint)]
+                "--checkpoint", str(self.checkpoint), "--kind", self.kind]
         if _cbir(*args, log=self.log).returncode != 0:
             raise CheckFailed(f"cbir index build failed; see {self.log}")
         self.engine = open_catalog(store.default_db_url(self.index), migrate=False)
@@ -455,12 +458,14 @@ def main(
     queries: Annotated[int, typer.Option(help="PNG slices exported as uploads.")] = 32,
     reload_interval_s: Annotated[float, typer.Option(help="The server's "
                                                      "CBIR_RELOAD_INTERVAL_S.")] = 1.0,
+    kind: Annotated[str, typer.Option(help="The index's kind: flat or codebook.")] = "flat",
 ) -> None:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     campaign = Campaign(data, checkpoint, work, base, seconds,
-                        [int(x) for x in levels.split(",")], retry_s, queries, reload_interval_s)
+                        [int(x) for x in levels.split(",")], retry_s, queries, reload_interval_s,
+                        kind)
     started = time.monotonic()
     result = campaign.run()
     text, passed = report(result, campaign.data_problems)

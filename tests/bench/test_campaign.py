@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.campaign import Campaign, Fault, Level, _schedule, report
+from indexer import store
 
 
+@pytest.mark.parametrize("kind", store.KINDS)
 def test_the_shortened_campaign_loses_no_request_and_no_data(synth_cohort, tiny_checkpoint,
-                                                            tmp_path, capsys):
+                                                            tmp_path, capsys, kind):
     campaign = Campaign(synth_cohort, tiny_checkpoint, tmp_path / "work", base=1, seconds=5,
-                        levels=[1, 4], retry_s=120, queries=8, reload_interval_s=0.5)
+                        levels=[1, 4], retry_s=120, queries=8, reload_interval_s=0.5, kind=kind)
     levels = campaign.run()
     text, passed = report(levels, campaign.data_problems)
     with capsys.disabled():
@@ -27,6 +31,7 @@ def test_the_shortened_campaign_loses_no_request_and_no_data(synth_cohort, tiny_
     # The load ran through the server's restart: its clients saw the outage and retried.
     assert levels[1].errors > 0
     assert json.loads((tmp_path / "work" / "load-4-0.json").read_text())
+    assert store.read_manifest(campaign.index)["kind"] == kind
 
 
 def test_every_fault_is_scheduled_once_whatever_the_levels():
