@@ -173,18 +173,15 @@ def add_slices(indices: dict[str, faiss.Index], codebooks: dict[str, np.ndarray]
 
 def remove_slices(indices: dict[str, faiss.Index], ids: np.ndarray) -> int:
     """Remove slices by id from a generation's indices, keeping the order of the others.
-    Returns how many were removed (from each space)."""
+    Returns how many were removed from each space's index ({space: count})."""
     ids = np.ascontiguousarray(ids, np.int64)
-    removed = set()
-    for index in _stored(indices).values():
+    removed = {}
+    for space, index in _stored(indices).items():
         if index_kind(index) == "codebook":
-            removed.add(codebook.remove_ids(faiss.downcast_index(index), ids))
+            removed[space] = codebook.remove_ids(faiss.downcast_index(index), ids)
         else:
-            removed.add(index.remove_ids(faiss.IDSelectorBatch(ids)))
-    if len(removed) != 1:
-        raise IndexStoreError(f"the indices of one generation held different slices: "
-                              f"removed {sorted(removed)}")
-    return removed.pop()
+            removed[space] = index.remove_ids(faiss.IDSelectorBatch(ids))
+    return removed
 
 
 def stored_vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray:

@@ -157,7 +157,8 @@ def test_codebook_ranks_like_flat_on_random_codes(space, scan_chunk, monkeypatch
     # removals and a later add, as `cbir index remove/add` make them
     gone = np.flatnonzero(patient == 3)
     for kind in store.KINDS:
-        assert store.remove_slices(indices[kind], ids[gone]) == len(gone)
+        removed = store.remove_slices(indices[kind], ids[gone])
+        assert removed == {s: len(gone) for s in store.stored_spaces(kind)}, removed
     later_n, later_a, later_l = random_codes(rng, 40)
     later_ids = np.arange(n + 1, n + 41, dtype=np.int64)
     for kind in store.KINDS:
