@@ -141,20 +141,21 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak() -> int:
-    with open("/proc/self/status") as fh:
+def _kib_field(path: str, name: str) -> int:
+    """Bytes of a ``name: N kB`` line of a /proc file."""
+    with open(path) as fh:
         for line in fh:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{name}:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {name} in {path}")
+
+
+def _peak() -> int:
+    return _kib_field("/proc/self/status", "VmHWM")
 
 
 def available_bytes() -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
+    return _kib_field("/proc/meminfo", "MemAvailable")
 
 
 def flat_bytes(size: int, space: str) -> int:
