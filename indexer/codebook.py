@@ -32,8 +32,7 @@ import numpy as np
 
 from indexer.layout import CODE_DIM, DIMS, POSITIONS
 
-STORED = ("normal", "abnormal")  # the spaces a codebook index stores; concat is read
-# from both (``ConcatScan``)
+STORED = ("normal", "abnormal")  # the spaces stored; concat is read from both (``ConcatScan``)
 PARTS = {"normal": ("normal",), "abnormal": ("abnormal",), "concat": ("normal", "abnormal")}
 
 
@@ -156,7 +155,7 @@ def decode(index: faiss.IndexIVFPQ, ids: np.ndarray) -> np.ndarray:
 
 # -- concat, read from the normal and abnormal indices -------------------------------------------
 
-SCAN_CHUNK = 1 << 20  # slices whose distances a concat search holds at once (about 40 MiB)
+SCAN_CHUNK = 1 << 20  # slices whose distances a concat query holds at once (48 MiB measured)
 _FAR = np.finfo(np.float32).max  # what FAISS reports for a neighbour it could not fill
 
 
