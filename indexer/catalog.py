@@ -110,11 +110,19 @@ def decode_codes(blob: bytes) -> np.ndarray:
 
 def decode_code_rows(rows) -> np.ndarray:
     """Rows with ``normal_codes`` and ``abnormal_codes`` blobs -> their indices (N, 2, 8, 8)."""
-    codes = np.zeros((len(rows), 2, *CODE_SHAPE), np.uint16)
-    for i, r in enumerate(rows):
-        codes[i, 0] = decode_codes(r.normal_codes)
-        codes[i, 1] = decode_codes(r.abnormal_codes)
-    return codes
+    return decode_codes_columns([r.normal_codes for r in rows], [r.abnormal_codes for r in rows])
+
+
+def decode_codes_columns(normal, abnormal) -> np.ndarray:
+    """The ``normal_codes`` and ``abnormal_codes`` blobs of N slices -> their indices
+    (N, 2, 8, 8) uint16, decoded in one pass over the joined blobs (ValueError: a blob of
+    another size)."""
+    size = 2 * CODE_SHAPE[0] * CODE_SHAPE[1]
+    blobs = [bytes(b) for pair in zip(normal, abnormal, strict=True) for b in pair]
+    if any(len(b) != size for b in blobs):
+        raise ValueError(f"a stored code is not {CODE_SHAPE} uint16 ({size} bytes)")
+    joined = np.frombuffer(b"".join(blobs), dtype="<u2")
+    return joined.astype(np.uint16).reshape(len(blobs) // 2, 2, *CODE_SHAPE)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -22,9 +22,17 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from indexer.catalog import IndexBuild, Patient, Slice, active_build, decode_code_rows
+from indexer.catalog import (
+    CODE_SHAPE,
+    IndexBuild,
+    Patient,
+    Slice,
+    active_build,
+    decode_codes_columns,
+)
 
 READ_TRIES = 5  # commits landing between the two reads of the active build, in a row
+READ_CHUNK = 16384  # slice rows fetched and turned into arrays at a time
 NO_AREA = -1  # area_* of a slice without segmentation
 
 
@@ -87,42 +95,64 @@ def read_view(engine: Engine) -> CatalogueView | None:
 
     Raises ``CatalogueChanged`` when writers committed between the reads ``READ_TRIES`` times in
     a row, and lets the database's own errors (no tables) through."""
+    table = Slice.__table__.c
+    columns = (table.id, table.patient_id, table.slice_index, table.has_abnormality,
+               table.area_tc, table.area_ed, table.area_et, table.brain_area, table.normal_codes,
+               table.abnormal_codes)  # the order _slice_arrays reads them in
     for _ in range(READ_TRIES):
         with Session(engine) as session:
             build = active_build(session)
             if build is None:
                 return None
             session.expunge(build)
-            rows = session.execute(
-                select(Slice.id, Slice.patient_id, Slice.slice_index, Slice.has_abnormality,
-                       Slice.area_tc, Slice.area_ed, Slice.area_et, Slice.brain_area,
-                       Slice.normal_codes, Slice.abnormal_codes).order_by(Slice.id)).all()
+            n = session.scalar(select(func.count()).select_from(Slice))
+            # Core rows, not ORM ones (half the time), READ_CHUNK at a time, into arrays of the
+            # final size: at 10^6 slices, reading every row first took 921 MiB at its peak.
+            arrays = _empty_arrays(n)
+            at = 0
+            result = session.connection().execution_options(yield_per=READ_CHUNK).execute(
+                select(*columns).order_by(table.id))
+            for rows in result.partitions():
+                if at + len(rows) > n:
+                    break  # a writer committed since the count: read again
+                for name, part in _slice_arrays(rows).items():
+                    arrays[name][at:at + len(rows)] = part
+                at += len(rows)
+            result.close()
             patients = session.execute(
                 select(Patient, func.count(Slice.has_abnormality)).outerjoin(Slice)
                 .group_by(Patient.id)).all()
             again = active_build(session)
-            if again is None or again.generation != build.generation:
+            if at != n or again is None or again.generation != build.generation:
                 continue
-            return _view(build, rows, patients)
+            return _view(build, arrays, patients)
     raise CatalogueChanged(f"the catalogue's active generation changed {READ_TRIES} times "
                            f"while it was read")
 
 
-def _view(build: IndexBuild, rows, patients) -> CatalogueView:
+def _empty_arrays(size: int) -> dict[str, np.ndarray]:
+    """The view's arrays for ``size`` slices, to fill."""
+    return {"slice_ids": np.zeros(size, np.int64), "slice_patient": np.zeros(size, np.int64),
+            "slice_index": np.zeros(size, np.int64), "slice_abnormal": np.zeros(size, np.int8),
+            "areas": np.zeros((size, 4), np.int32),
+            "codes": np.zeros((size, 2, *CODE_SHAPE), np.uint16)}
+
+
+def _slice_arrays(rows) -> dict[str, np.ndarray]:
+    """Slice rows (``read_view``'s columns, in order) as the view's arrays, column by column."""
     n = len(rows)
-    codes = decode_code_rows(rows)
-    areas = np.zeros((n, 4), np.int32)
-    for i, r in enumerate(rows):
-        areas[i] = [NO_AREA if a is None else a for a in (r.area_tc, r.area_ed, r.area_et)] + [
-            r.brain_area]
+    ids, patient, index, flag, tc, ed, et, brain, normal, abnormal = zip(*rows, strict=True)
+    areas = np.array([[NO_AREA if a is None else a for a in col] for col in (tc, ed, et)]
+                     + [brain], np.int32).reshape(4, n).T
+    return {"slice_ids": np.array(ids, np.int64), "slice_patient": np.array(patient, np.int64),
+            "slice_index": np.array(index, np.int64),
+            "slice_abnormal": np.array([-1 if f is None else int(f) for f in flag], np.int8),
+            "areas": areas, "codes": decode_codes_columns(normal, abnormal)}
+
+
+def _view(build: IndexBuild, arrays: dict[str, np.ndarray], patients) -> CatalogueView:
     return CatalogueView(
-        build=build,
-        slice_ids=np.array([r.id for r in rows], np.int64),
-        slice_patient=np.array([r.patient_id for r in rows], np.int64),
-        slice_index=np.array([r.slice_index for r in rows], np.int64),
-        slice_abnormal=np.array([-1 if r.has_abnormality is None else int(r.has_abnormality)
-                                 for r in rows], np.int8),
-        areas=areas, codes=codes,
+        build=build, **arrays,
         patients={p.id: PatientRecord(id=p.id, external_id=p.external_id, cohort=p.cohort,
                                       slice_count=p.slice_count, added_at=p.added_at,
                                       has_labels=bool(labelled))
