@@ -15,7 +15,8 @@ index written before this file existed. Cheap because the codes are discrete: a 
 distance is a sum over the 64 code positions of the squared distance of two codebook rows, so
 one (K, K) table per codebook turns each slice pair into 64 look-ups instead of a 4096- or
 8192-d difference. The sample is every slice up to ``MAX_SAMPLE``, evenly spaced
-beyond; the whole index is searched for each.
+beyond; the whole index is searched for each, ``COLUMNS`` slices at a time (at 10^6 slices and a
+sample of 20: 3.7 s and 61 MiB at the peak, where one block took 46 s and 1.6 GiB).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from model.atomic import atomic_write
 
 MAX_SAMPLE = 256
 MAX_PAIRS = 20_000_000  # sample x index size: a few seconds of look-ups at most
+COLUMNS = 1 << 16  # indexed slices whose distances to the sample are held at once
 
 
 def codebook_tables(codebooks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -61,21 +63,26 @@ class Reference:
         size = int(min(n, MAX_SAMPLE, max(16, MAX_PAIRS // n)))
         rows = np.unique(np.linspace(0, n - 1, size).round().astype(np.int64))
         tables = codebook_tables(codebooks)
-        flat = codes.reshape(n, 2, 64).astype(np.int64)
-        per_code = {}
-        for c, name in enumerate(("normal", "abnormal")):
-            table = tables[name]
-            d = np.zeros((len(rows), n), np.float64)
-            for p in range(64):
-                d += table[flat[rows, c, p][:, None], flat[None, :, c, p]]
-            per_code[name] = d
-        other = patients[rows][:, None] != patients[None, :]
-        distances = {}
-        for space in SPACES:
-            d = (per_code["normal"] + per_code["abnormal"] if space == "concat"
-                 else per_code[space])
-            nearest = np.where(other, d, np.inf).min(axis=1)
-            distances[space] = np.sort(nearest[np.isfinite(nearest)])
+        flat = np.asarray(codes).reshape(n, 2, 64)  # indexes as it is: no int64 copy
+        # Each sampled slice's row of each (K, K) table, per position: (2, 64, sample, K).
+        sample_rows = np.stack([tables[name][flat[rows, c].T]
+                                for c, name in enumerate(("normal", "abnormal"))])
+        nearest = {space: np.full(len(rows), np.inf) for space in SPACES}
+        # The index in column blocks: memory stays (sample x COLUMNS), whatever its size.
+        for start in range(0, n, COLUMNS):
+            block = flat[start:start + COLUMNS]
+            per_code = []
+            for c in range(2):
+                d = np.zeros((len(rows), len(block)), np.float64)
+                for p in range(64):
+                    d += np.take(sample_rows[c, p], block[:, c, p], axis=1)
+                per_code.append(d)
+            other = patients[rows][:, None] != patients[None, start:start + COLUMNS]
+            for space, d in (("normal", per_code[0]), ("abnormal", per_code[1]),
+                             ("concat", per_code[0] + per_code[1])):
+                nearest[space] = np.minimum(nearest[space],
+                                            np.where(other, d, np.inf).min(axis=1))
+        distances = {space: np.sort(d[np.isfinite(d)]) for space, d in nearest.items()}
         return cls(distances=distances, sampled=len(rows))
 
     def save(self, path: Path, codebooks: dict[str, np.ndarray]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer import store
+from indexer import reference, store
 from indexer.layout import SPACES
 from indexer.reference import Reference
 from service.retrieval import Codes, Timings
@@ -27,6 +27,18 @@ def test_table_distances_equal_a_faiss_search(retrieval):
             found.append(hit.distance)
         for d in found:  # every FAISS nearest distance is one of the measured ones
             assert np.min(np.abs(ref.distances[space] - d)) <= 1e-4 * max(1.0, d), space
+
+
+def test_measured_in_column_blocks_as_in_one(retrieval, monkeypatch):
+    """The index is read in blocks of ``COLUMNS`` slices (the memory stays bounded at any
+    size): block boundaries, inside a patient too, change no distance."""
+    whole = Reference.measure(retrieval.codebooks, retrieval.codes, retrieval.slice_patient)
+    monkeypatch.setattr(reference, "COLUMNS", 7)
+    assert len(retrieval.codes) > 3 * 7
+    blocks = Reference.measure(retrieval.codebooks, retrieval.codes, retrieval.slice_patient)
+    assert blocks.sampled == whole.sampled
+    for space in SPACES:
+        np.testing.assert_array_equal(blocks.distances[space], whole.distances[space])
 
 
 def test_percentiles_and_what_is_far():
