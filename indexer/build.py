@@ -31,9 +31,9 @@ from indexer.catalog import (
     Patient,
     Slice,
     active_build,
-    decode_code_rows,
     encode_codes,
     open_catalog,
+    read_slice_arrays,
 )
 from indexer.layout import LAYOUT_VERSION, SPACES
 from indexer.reference import Reference
@@ -448,11 +448,11 @@ class Indexer:
                          codebooks: dict[str, np.ndarray]) -> None:
         """The between-patient nearest-neighbour distances of every slice the new generation
         holds (indexer/reference.py); none with fewer than two patients."""
-        rows = session.execute(select(Slice.patient_id, Slice.normal_codes, Slice.abnormal_codes)
-                               .order_by(Slice.id)).all()
-        codes = decode_code_rows(rows)
-        patients = np.array([r.patient_id for r in rows], np.int64)
-        reference = Reference.measure(codebooks, codes, patients)
+        slices = read_slice_arrays(session)  # this transaction's rows, under the writer lock
+        if slices is None:
+            raise store.IndexStoreError("the catalogue's slices changed while the new generation "
+                                        "was written: another writer ignored the lock")
+        reference = Reference.measure(codebooks, slices["codes"], slices["slice_patient"])
         if reference is not None:
             reference.save(store.reference_path(self.index_dir, gen), codebooks)
 

@@ -141,6 +141,14 @@ def decode(index: faiss.IndexIVFPQ, ids: np.ndarray) -> np.ndarray:
     """The stored vectors (codebook lookups) of slice ``ids``, (len(ids), d).
 
     KeyError names an id the index does not hold."""
+    parts = [vectors for _, vectors in decode_chunks(index, ids, max(len(ids), 1))]
+    return parts[0] if parts else np.zeros((0, index.d), np.float32)
+
+
+def decode_chunks(index: faiss.IndexIVFPQ, ids: np.ndarray, chunk: int):
+    """``decode`` of ``chunk`` ids at a time, as (ids, vectors) pairs: one copy of the codes
+    (72 B a slice) is held, and one chunk of 16 KiB vectors. KeyError names an id the index
+    does not hold, before anything is yielded."""
     ids = np.asarray(ids, np.int64)
     held, codes = stored(index)
     order = np.argsort(held)
@@ -148,9 +156,9 @@ def decode(index: faiss.IndexIVFPQ, ids: np.ndarray) -> np.ndarray:
     found = held[order[at]] == ids if len(held) else np.zeros(len(ids), bool)
     if not found.all():
         raise KeyError(f"slice id {int(ids[~found][0])} is not in the index")
-    if not len(ids):
-        return np.zeros((0, index.d), np.float32)
-    return index.sa_decode(codes[order[at]])
+    for start in range(0, len(ids), chunk):
+        part = slice(start, start + chunk)
+        yield ids[part], index.sa_decode(codes[order[at[part]]])
 
 
 # -- concat, read from the normal and abnormal indices -------------------------------------------

@@ -186,13 +186,26 @@ def remove_slices(indices: dict[str, faiss.Index], ids: np.ndarray) -> int:
 
 def stored_vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
     """The vectors an index holds for slice ``ids``, (len(ids), d)."""
+    parts = [vectors for _, vectors in stored_vector_chunks(index, ids, max(len(ids), 1))]
+    return parts[0] if parts else np.zeros((0, index.d), np.float32)
+
+
+def stored_vector_chunks(index: faiss.Index, ids: np.ndarray, chunk: int):
+    """``stored_vectors`` of ``chunk`` ids at a time, as (ids, vectors) pairs, so that checking
+    every slice of a large index holds one chunk of float vectors, not all of them (16 KiB a
+    slice and space)."""
+    ids = np.asarray(ids, np.int64)
     if isinstance(index, codebook.ConcatScan):
-        return np.concatenate([stored_vectors(index.normal, ids),
-                               stored_vectors(index.abnormal, ids)], axis=1)
-    if index_kind(index) == "codebook":
-        return codebook.decode(faiss.downcast_index(index), ids)
-    return np.stack([index.reconstruct(int(i)) for i in ids]) if len(ids) else \
-        np.zeros((0, index.d), np.float32)
+        for (part, normal), (_, abnormal) in zip(
+                stored_vector_chunks(index.normal, ids, chunk),
+                stored_vector_chunks(index.abnormal, ids, chunk), strict=True):
+            yield part, np.concatenate([normal, abnormal], axis=1)
+    elif index_kind(index) == "codebook":
+        yield from codebook.decode_chunks(faiss.downcast_index(index), ids, chunk)
+    else:
+        for start in range(0, len(ids), chunk):
+            part = ids[start:start + chunk]
+            yield part, np.stack([index.reconstruct(int(i)) for i in part])
 
 
 def kind_problem(index: faiss.Index, space: str, kind: str,

@@ -11,11 +11,19 @@ from sqlalchemy.orm import Session
 
 from indexer import store
 from indexer.build import codebooks_of
-from indexer.catalog import IndexBuild, Patient, Slice, active_build, decode_code_rows, open_catalog
+from indexer.catalog import (
+    IndexBuild,
+    Patient,
+    Slice,
+    active_build,
+    open_catalog,
+    read_slice_arrays,
+)
 from indexer.layout import DIMS, LAYOUT_VERSION, SPACES, space_vectors
 from model.checkpoint import CheckpointError, load_model
 
 MAX_LISTED = 10
+VECTOR_CHUNK = 4096  # slices whose stored and expected vectors are compared at once
 
 
 def _ids(ids) -> str:
@@ -55,16 +63,18 @@ def verify(index_dir: Path | str, db_url: str | None = None,
         current = active_build(session)
         if current is None:
             return [NO_ACTIVE_BUILD]
-        rows = session.execute(select(Slice.id, Slice.normal_codes, Slice.abnormal_codes)).all()
+        slices = read_slice_arrays(session)
+        if slices is None:  # a writer committed meanwhile: what is read would mix two states
+            return ["the catalogue changed while it was read; verify again"]
         patients = session.execute(select(Patient.id, Patient.external_id,
                                           Patient.slice_count)).all()
         per_patient = dict(session.execute(
             select(Slice.patient_id, func.count()).group_by(Slice.patient_id)).all())
     engine.dispose()
-    catalogue_ids = np.array([r.id for r in rows], dtype=np.int64)
-    if current.slices != len(rows):
+    catalogue_ids = slices["slice_ids"]
+    if current.slices != len(catalogue_ids):
         problems.append(f"build {current.generation} records {current.slices} slices, the "
-                        f"catalogue holds {len(rows)}")
+                        f"catalogue holds {len(catalogue_ids)}")
     if current.patients != len(patients):
         problems.append(f"build {current.generation} records {current.patients} patients, the "
                         f"catalogue holds {len(patients)}")
@@ -121,16 +131,18 @@ def verify(index_dir: Path | str, db_url: str | None = None,
                 problem := store.kind_problem(indices[space], space, kind, books)):
             problems.append(problem)
     # Every stored vector equals the codebook lookup of the catalogue's code indices.
-    common = [r for r in rows if r.id in present]
-    if common:
-        codes = decode_code_rows(common).astype(np.int64)
-        expected = space_vectors(books, codes[:, 0], codes[:, 1])
-        for space in SPACES:
-            stored = store.stored_vectors(indices[space], np.array([r.id for r in common]))
-            bad = np.flatnonzero(~np.all(stored == expected[space], axis=1))
-            if bad.size:
-                problems.append(f"{space} index: {bad.size} vector(s) differ from the codes in "
-                                f"the catalogue: slice id(s) {_ids(common[i].id for i in bad)}")
+    common = np.flatnonzero(np.isin(catalogue_ids, np.fromiter(present, np.int64)))
+    for space in SPACES:
+        bad = []  # a chunk of slices at a time: float vectors are 16 KiB a slice and space
+        chunks = store.stored_vector_chunks(indices[space], catalogue_ids[common], VECTOR_CHUNK)
+        for start, (_, stored) in zip(range(0, common.size, VECTOR_CHUNK), chunks, strict=True):
+            rows = common[start:start + VECTOR_CHUNK]
+            codes = slices["codes"][rows].astype(np.int64)
+            expected = space_vectors(books, codes[:, 0], codes[:, 1], spaces=(space,))[space]
+            bad += catalogue_ids[rows[~np.all(stored == expected, axis=1)]].tolist()
+        if bad:
+            problems.append(f"{space} index: {len(bad)} vector(s) differ from the codes in "
+                            f"the catalogue: slice id(s) {_ids(bad)}")
     return problems
 
 

@@ -23,17 +23,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from indexer.catalog import (
-    CODE_SHAPE,
+    NO_AREA,
     IndexBuild,
     Patient,
     Slice,
     active_build,
-    decode_codes_columns,
+    read_slice_arrays,
 )
 
 READ_TRIES = 5  # commits landing between the two reads of the active build, in a row
-READ_CHUNK = 16384  # slice rows fetched and turned into arrays at a time
-NO_AREA = -1  # area_* of a slice without segmentation
 
 
 class CatalogueChanged(RuntimeError):
@@ -95,59 +93,22 @@ def read_view(engine: Engine) -> CatalogueView | None:
 
     Raises ``CatalogueChanged`` when writers committed between the reads ``READ_TRIES`` times in
     a row, and lets the database's own errors (no tables) through."""
-    table = Slice.__table__.c
-    columns = (table.id, table.patient_id, table.slice_index, table.has_abnormality,
-               table.area_tc, table.area_ed, table.area_et, table.brain_area, table.normal_codes,
-               table.abnormal_codes)  # the order _slice_arrays reads them in
     for _ in range(READ_TRIES):
         with Session(engine) as session:
             build = active_build(session)
             if build is None:
                 return None
             session.expunge(build)
-            n = session.scalar(select(func.count()).select_from(Slice))
-            # Core rows, not ORM ones (half the time), READ_CHUNK at a time, into arrays of the
-            # final size: at 10^6 slices, reading every row first took 921 MiB at its peak.
-            arrays = _empty_arrays(n)
-            at = 0
-            result = session.connection().execution_options(yield_per=READ_CHUNK).execute(
-                select(*columns).order_by(table.id))
-            for rows in result.partitions():
-                if at + len(rows) > n:
-                    break  # a writer committed since the count: read again
-                for name, part in _slice_arrays(rows).items():
-                    arrays[name][at:at + len(rows)] = part
-                at += len(rows)
-            result.close()
+            arrays = read_slice_arrays(session)
             patients = session.execute(
                 select(Patient, func.count(Slice.has_abnormality)).outerjoin(Slice)
                 .group_by(Patient.id)).all()
             again = active_build(session)
-            if at != n or again is None or again.generation != build.generation:
+            if arrays is None or again is None or again.generation != build.generation:
                 continue
             return _view(build, arrays, patients)
     raise CatalogueChanged(f"the catalogue's active generation changed {READ_TRIES} times "
                            f"while it was read")
-
-
-def _empty_arrays(size: int) -> dict[str, np.ndarray]:
-    """The view's arrays for ``size`` slices, to fill."""
-    return {"slice_ids": np.zeros(size, np.int64), "slice_patient": np.zeros(size, np.int64),
-            "slice_index": np.zeros(size, np.int64), "slice_abnormal": np.zeros(size, np.int8),
-            "areas": np.zeros((size, 4), np.int32),
-            "codes": np.zeros((size, 2, *CODE_SHAPE), np.uint16)}
-
-
-def _slice_arrays(rows) -> dict[str, np.ndarray]:
-    """Slice rows (``read_view``'s columns, in order) as the view's arrays, column by column."""
-    n = len(rows)
-    ids, patient, index, flag, tc, ed, et, brain, normal, abnormal = zip(*rows, strict=True)
-    areas = np.array([[NO_AREA if a is None else a for a in col] for col in (tc, ed, et)]
-                     + [brain], np.int32).reshape(4, n).T
-    return {"slice_ids": np.array(ids, np.int64), "slice_patient": np.array(patient, np.int64),
-            "slice_index": np.array(index, np.int64),
-            "slice_abnormal": np.array([-1 if f is None else int(f) for f in flag], np.int8),
-            "areas": areas, "codes": decode_codes_columns(normal, abnormal)}
 
 
 def _view(build: IndexBuild, arrays: dict[str, np.ndarray], patients) -> CatalogueView:

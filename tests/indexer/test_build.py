@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 import indexer.build as build_mod
+import indexer.verify as verify_module
 from indexer import store
 from indexer.build import DEFAULT_CHECKPOINT, Indexer, codebooks_of, encode_slices
 from indexer.catalog import Patient, Slice, active_build, decode_codes, make_engine
@@ -596,8 +597,11 @@ def test_verify_names_a_vector_without_catalogue_row(fresh, model_books):
         problems
 
 
-def test_verify_names_a_modified_vector(fresh):
-    victim = sorted(snapshot(fresh).ids(A))[0]
+@pytest.mark.parametrize("chunk", [verify_module.VECTOR_CHUNK, 3])
+def test_verify_names_a_modified_vector(fresh, chunk, monkeypatch):
+    """Found whether the vectors are compared all at once or 3 slices at a time."""
+    monkeypatch.setattr(verify_module, "VECTOR_CHUNK", chunk)
+    victim = sorted(snapshot(fresh).ids(A))[-1]  # last of its patient: not in the first chunk
 
     def change(ix):
         vec = ix.reconstruct(victim)

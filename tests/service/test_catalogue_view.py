@@ -8,17 +8,16 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from indexer import store
-from indexer.catalog import Slice, decode_codes, decode_codes_columns, open_catalog
-from service import catalogue_view
-from service.catalogue_view import NO_AREA, read_view
+from indexer import catalog, store
+from indexer.catalog import NO_AREA, Slice, decode_codes, decode_codes_columns, open_catalog
+from service.catalogue_view import read_view
 
 
 def test_the_view_read_in_chunks_equals_the_rows(service_index, monkeypatch):
     engine = open_catalog(store.default_db_url(service_index), migrate=False)
     try:
         views = [read_view(engine)]
-        monkeypatch.setattr(catalogue_view, "READ_CHUNK", 7)  # many chunks, the last one short
+        monkeypatch.setattr(catalog, "READ_CHUNK", 7)  # many chunks, the last one short
         views.append(read_view(engine))
         with Session(engine) as session:
             rows = session.scalars(select(Slice).order_by(Slice.id)).all()
