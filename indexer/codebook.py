@@ -137,16 +137,9 @@ def remove_ids(index: faiss.IndexIVFPQ, ids: np.ndarray) -> int:
     return removed
 
 
-def decode(index: faiss.IndexIVFPQ, ids: np.ndarray) -> np.ndarray:
-    """The stored vectors (codebook lookups) of slice ``ids``, (len(ids), d).
-
-    KeyError names an id the index does not hold."""
-    parts = [vectors for _, vectors in decode_chunks(index, ids, max(len(ids), 1))]
-    return parts[0] if parts else np.zeros((0, index.d), np.float32)
-
-
 def decode_chunks(index: faiss.IndexIVFPQ, ids: np.ndarray, chunk: int):
-    """``decode`` of ``chunk`` ids at a time, as (ids, vectors) pairs: one copy of the codes
+    """The stored vectors (codebook lookups) of slice ``ids``, ``chunk`` ids at a time, as
+    (ids, (n, d) vectors) pairs: one copy of the codes
     (72 B a slice) is held, and one chunk of 16 KiB vectors. KeyError names an id the index
     does not hold, before anything is yielded."""
     ids = np.asarray(ids, np.int64)
