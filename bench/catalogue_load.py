@@ -63,18 +63,18 @@ def write_catalogue(url: str, slices: int) -> float:
 
 def measure(url: str) -> dict[str, float]:
     """One read of the view, in this process: seconds, peak MiB added, MiB kept."""
-    from indexer.bench_search import _peak, _reset_peak, _rss
+    from indexer.bench_search import peak_bytes, reset_peak, rss_bytes
     from service.catalogue_view import read_view
 
     engine = open_catalog(url, migrate=False)
-    base = _rss()
-    peak_known = _reset_peak()
+    base = rss_bytes()
+    peak_known = reset_peak()
     started = time.perf_counter()
     view = read_view(engine)
     seconds = time.perf_counter() - started
     out = {"slices": len(view.slice_ids), "seconds": seconds,
-           "peak_mib": (_peak() - base) / 2**20 if peak_known else float("nan"),
-           "kept_mib": (_rss() - base) / 2**20}
+           "peak_mib": (peak_bytes() - base) / 2**20 if peak_known else float("nan"),
+           "kept_mib": (rss_bytes() - base) / 2**20}
     engine.dispose()
     return out
 

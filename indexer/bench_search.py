@@ -122,7 +122,7 @@ def _space_vectors(books, space: str, normal: np.ndarray, abnormal: np.ndarray) 
 # -- memory ------------------------------------------------------------------------------------
 
 
-def _rss() -> int:
+def rss_bytes() -> int:
     """Resident bytes of this process, after handing freed heap back to the system."""
     gc.collect()
     with contextlib.suppress(OSError):  # not glibc: freed heap may stay counted
@@ -131,7 +131,7 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     """Start the kernel's peak-resident count (VmHWM) afresh; False where that is refused."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -150,7 +150,7 @@ def _kib_field(path: str, name: str) -> int:
     raise RuntimeError(f"no {name} in {path}")
 
 
-def _peak() -> int:
+def peak_bytes() -> int:
     return _kib_field("/proc/self/status", "VmHWM")
 
 
@@ -230,8 +230,8 @@ def _measure(index, m: Measured, queries: np.ndarray, patients: np.ndarray, lesi
     throughput (at least one batch) per filter. Returns the unfiltered top-10 ids of the
     single queries."""
     top = np.zeros((0, K_NEIGHBOURS), np.int64)
-    base = _rss()
-    peak_known = _reset_peak()
+    base = rss_bytes()
+    peak_known = reset_peak()
     for name in FILTERS:
         index.search(queries[:1], K_NEIGHBOURS)  # warm-up: first calls allocate
         times, cpu, ids = [], 0.0, []
@@ -248,7 +248,7 @@ def _measure(index, m: Measured, queries: np.ndarray, patients: np.ndarray, lesi
         m.latency_ms[name] = times
         m.cpu_ms[name] = cpu / len(times)
         if peak_known:
-            m.query_peak_mib = max(m.query_peak_mib, (_peak() - base) / 2**20)
+            m.query_peak_mib = max(m.query_peak_mib, (peak_bytes() - base) / 2**20)
         if name == "none":
             top = np.stack(ids)
         done, started = 0, time.perf_counter()
@@ -298,9 +298,9 @@ def run(sizes: list[int], spaces: list[str], checkpoint: Path, kinds=store.KINDS
                     log(f"{size:>10,} {space:8s} {kind:8s} not built: {m.skipped}")
                     results.append(m)
                     continue
-                before = _rss()
+                before = rss_bytes()
                 index, lesion_bits, m.build_s = _build(kind, space, size, books, null_code, seed)
-                m.resident_mib = (_rss() - before) / 2**20
+                m.resident_mib = (rss_bytes() - before) / 2**20
                 m.bytes_per_slice = store.slice_bytes(index)
                 m.reads_parts = isinstance(index, codebook.ConcatScan)
                 top = _measure(index, m, queries, patients, lesion_bits, n_queries, batch,
