@@ -32,15 +32,27 @@ PANELS = (
       (("held_out", "normal_twin_at5"), "normal: shared with twin")]),
     ("held-out score (sum of 7 figures)", [(("held_out", "score"), "score")]),
     ("learning rate", [(("lr",), "lr")]),
+    ("real scans (monitor, not for selection): abnormal top-5 vs held-out",
+     [(("held_out", "monitor", "abn_lesion_at5"), "lesion -> lesion"),
+      (("held_out", "monitor", "abn_clean_at5"), "clean -> clean")]),
+    ("real scans (monitor): Dice per slice, SSIM",
+     [(("held_out", "monitor", "dice_whole"), "Dice whole lesion"),
+      (("held_out", "monitor", "dice_TC"), "Dice TC"),
+      (("held_out", "monitor", "dice_ED"), "Dice ED"),
+      (("held_out", "monitor", "dice_ET"), "Dice ET"),
+      (("held_out", "monitor", "rec_ssim_brain"), "x_hat+ SSIM in brain")]),
 )
 
 
-# The model issue's acceptance floors, drawn as dashed lines on their panels.
+# The model issue's acceptance floors (issue 20), drawn as dashed lines on their panels.
 FLOORS = {
-    "held-out Dice": [(0.70, "floor: whole lesion 0.70")],
-    "held-out images (SSIM in brain; pseudo-normal vs twin)": [(0.55, "floor: SSIM 0.55")],
-    "held-out retrieval (top-5, own patient excluded)": [(0.90, "floor: abnormal 0.90"),
-                                                          (0.80, "floor: twin 4 of 5")],
+    "held-out Dice": [(0.65, "floor: whole lesion 0.65")],
+    "held-out retrieval (top-5, own patient excluded)": [(0.85, "floor: abnormal clean 0.85"),
+                                                          (0.75, "floor: lesion, twin 0.75")],
+    "real scans (monitor, not for selection): abnormal top-5 vs held-out": [
+        (0.85, "floor: both 0.85")],
+    "real scans (monitor): Dice per slice, SSIM": [(0.50, "floor: whole, SSIM 0.50"),
+                                                    (0.20, "floor: each class 0.20")],
 }
 
 
@@ -61,7 +73,7 @@ def read_log(path: Path | str) -> list[dict]:
 
 def plot_curves(records: list[dict], out: Path | str, title: str = "") -> Path:
     """Write the panels against training steps to ``out`` (PNG, atomically)."""
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8), constrained_layout=True)
     for ax, (panel_title, lines) in zip(axes.flat, PANELS, strict=True):
         for path, label in lines:
             points = [(r["step"], _get(r, path)) for r in records]

@@ -14,6 +14,11 @@ training run's log says whether a checkpoint is shippable:
 - codebook perplexity and used fraction on held-out data; commitment per quantizer.
 
 ``score`` sums seven of them, each in [0, 1], into the number checkpoint selection maximises.
+
+``monitor`` measures the same model on other cohorts (real scans) with the held-out slices as
+the reference set: the figures ``cbir eval`` reports on them, per slice as it computes them. They
+go to the training log beside the held-out figures and never into ``score``: a checkpoint is
+selected on synthetic held-out patients only.
 """
 
 from __future__ import annotations
@@ -77,8 +82,9 @@ def _usage(indices: Tensor, size: int) -> dict:
 
 @torch.no_grad()
 def evaluate(model: DecompositionNet, dataset: Dataset, indices: list[int],
-             device: torch.device, batch_size: int = 32) -> dict:
-    """Every held-out figure over ``dataset[indices]``; the model is left in the mode it had."""
+             device: torch.device, batch_size: int = 32, monitor: Dataset | None = None) -> dict:
+    """Every held-out figure over ``dataset[indices]``, and under ``"monitor"`` the figures of
+    ``monitor`` (``monitor_figures``); the model is left in the mode it had."""
     was_training = model.training
     model.eval()
     sums = _Sums()
@@ -138,7 +144,6 @@ def evaluate(model: DecompositionNet, dataset: Dataset, indices: list[int],
         abnormal_idx.append(codes.abnormal_indices[has_lesion].cpu())
         pids += [it["pid"] for it in items]
         lesion_flags += has_lesion.cpu().tolist()
-    model.train(was_training)
 
     dice = dice_from_counts(counts)
     metrics: dict = {key: sums.mean(key) for key in (
@@ -159,7 +164,68 @@ def evaluate(model: DecompositionNet, dataset: Dataset, indices: list[int],
                                     if commit["abnormal"][1] else None)
     metrics["slices"] = len(indices)
     metrics["score"] = score(metrics)
+    if monitor is not None and len(monitor):
+        metrics["monitor"] = monitor_figures(model, monitor, torch.cat(abnormal_codes),
+                                             torch.tensor(lesion_flags), device, batch_size)
+    model.train(was_training)
     return {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def _slice_dice(pred: Tensor, truth: Tensor) -> float | None:
+    """Dice of two masks of one slice; None where neither has any (``cbir eval``'s rule)."""
+    total = int(pred.sum()) + int(truth.sum())
+    return None if total == 0 else 2 * int((pred & truth).sum()) / total
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return round(sum(kept) / len(kept), 5) if kept else None
+
+
+@torch.no_grad()
+def monitor_figures(model: DecompositionNet, dataset: Dataset, ref_abnormal: Tensor,
+                    ref_lesion: Tensor, device: torch.device, batch_size: int = 32) -> dict:
+    """Figures of every slice of ``dataset`` (real scans) against reference abnormal codes.
+
+    Abnormal space: of a lesion slice's top-5 references, the share with a lesion; of a
+    lesion-free slice's, the share without. Segmentation Dice per slice (TC, ED, ET, whole
+    lesion), averaged over the slices where the prediction or the truth has the class; SSIM of
+    the reconstruction inside the brain, averaged over slices.
+    """
+    model.eval()
+    agree: dict[bool, list[float]] = {True: [], False: []}
+    dice: dict[str, list[float | None]] = {name: [] for name in (*CLASS_NAMES, "whole")}
+    ssim: list[float] = []
+    predicted_lesion: list[bool] = []
+    refs = ref_abnormal.double()
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        x = torch.stack([it["image"] for it in items]).to(device)
+        truth = torch.stack([it["abnormal"] for it in items])
+        drawn = model.draw(x)
+        pred = drawn.logits.argmax(1).cpu()
+        s = ssim_map(drawn.reconstruction.clamp(0, 1), x).cpu()
+        brain = (x > 0)[..., _HALF:-_HALF, _HALF:-_HALF].cpu()
+        d = torch.cdist(drawn.codes.abnormal.flatten(1).cpu().double(), refs)
+        top = d.topk(min(TOP_K, len(refs)), largest=False).indices  # (B, k)
+        for i, it in enumerate(items):
+            lesion = bool((truth[i] > 0).any())
+            agree[lesion].append(float((ref_lesion[top[i]] == lesion).double().mean()))
+            if it["has_seg"]:
+                for c, name in enumerate(CLASS_NAMES, start=1):
+                    dice[name].append(_slice_dice(pred[i] == c, truth[i] == c))
+                dice["whole"].append(_slice_dice(pred[i] > 0, truth[i] > 0))
+            if brain[i].any():
+                ssim.append(float(s[i][brain[i]].mean()))
+            predicted_lesion.append(bool((pred[i] > 0).any()))
+    return {
+        "slices": len(dataset),
+        "abn_lesion_at5": _mean(agree[True]),
+        "abn_clean_at5": _mean(agree[False]),
+        **{f"dice_{name}": _mean(values) for name, values in dice.items()},
+        "rec_ssim_brain": _mean(ssim),
+        "predicted_lesion_share": _mean([float(v) for v in predicted_lesion]),
+    }
 
 
 def _retrieval(normal_codes: list[Tensor], abnormal_codes: list[Tensor],

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -32,6 +33,7 @@ from model.config import preset as model_preset
 from model.curves import plot_curves, read_log
 from model.data.brats import find_cases
 from model.data.dataset import SliceDataset
+from model.data.synth.appearance import render_batch
 from model.held_out import evaluate
 from model.losses import DecompositionLoss, LossWeights
 from model.network import DecompositionNet
@@ -56,6 +58,13 @@ class TrainConfig:
     # Evaluate on this many held-out slices, evenly spaced through them (None: all of them).
     eval_slices: int | None = None
     augment: bool = True  # horizontal flip, scale 0.9-1.1, rotation +-10 degrees
+    # Probability that a training slice with a tissue map (synthetic cohorts) is drawn afresh
+    # from it with a random appearance (model/data/synth/appearance.py) instead of its stored
+    # image: learning from label maps, as SynthSeg does. 0: the stored images only.
+    render: float = 0.0
+    # Cohorts of real scans measured at every evaluation (model/held_out.py, monitor_figures):
+    # logged beside the held-out figures, never trained on, never used to select a checkpoint.
+    monitor: list[str] = field(default_factory=list)
     # Only slices with a lesion move the abnormal codebook (EMA, data init, restarts): Appendix C
     # trains the abnormal code towards its codebook only where abnormality exists.
     lesion_codebook: bool = True
@@ -161,9 +170,27 @@ def _device() -> torch.device:
 
 def _batch(dataset: SliceDataset, items: list[int], patient_number: dict[str, int]) -> dict:
     rows = [dataset[i] for i in items]
-    batch = {key: torch.stack([r[key] for r in rows]) for key in ("image", "abnormal")}
+    batch = {key: torch.stack([r[key] for r in rows]) for key in ("image", "abnormal", "tissue")}
     batch["patient"] = torch.tensor([patient_number[r["pid"]] for r in rows])
+    batch["has_tissue"] = torch.tensor([bool(r["has_tissue"]) for r in rows])
     return batch
+
+
+def redraw(batch: dict, probability: float, seed: int, device: torch.device) -> dict:
+    """Replace each slice that has a tissue map, with ``probability``, by a fresh rendering of
+    it (``appearance.render_batch``); its labels stay. Every draw is a function of ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    draw = torch.rand(len(batch["image"]), generator=g) < probability
+    chosen = draw & batch["has_tissue"].cpu()
+    if not chosen.any():
+        return batch
+    rows = chosen.nonzero().flatten().to(device)
+    fresh = render_batch(batch["tissue"][rows].long(),
+                         torch.Generator(device=device).manual_seed(seed),
+                         np.random.default_rng(seed))
+    out = dict(batch)
+    out["image"] = batch["image"].index_copy(0, rows, fresh.to(batch["image"].dtype))
+    return out
 
 
 def _order(n: int, seed: int, epoch: int) -> list[int]:
@@ -196,7 +223,7 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _load_cases(data: list[Path]) -> tuple[list, list]:
+def _load_cases(data: list[Path] | list[str]) -> tuple[list, list]:
     cases, skipped = [], []
     for root in data:
         try:
@@ -208,6 +235,16 @@ def _load_cases(data: list[Path]) -> tuple[list, list]:
     if not cases:
         raise TrainingError(f"no patient with a t1ce image under {', '.join(map(str, data))}")
     return cases, skipped
+
+
+def _monitor_dataset(folders: list[str], progress: bool) -> SliceDataset | None:
+    if not folders:
+        return None
+    cases, _ = _load_cases(folders)
+    dataset = SliceDataset(cases, progress=progress)
+    if len(dataset) == 0:
+        raise TrainingError(f"no readable brain slice to monitor in {', '.join(folders)}")
+    return dataset
 
 
 _GATE_LAYERS = ("encoder.abnormal_gate.", "encoder.position_gate.")
@@ -296,12 +333,14 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
         raise TrainingError(f"{out} exists: pass --resume to continue it, or choose another "
                             f"--out")
 
-    dataset = SliceDataset(cases, progress=progress)
+    # The split is drawn from the patients found; only held-out ones need their twins in memory.
+    held_out = split_patients([c.pid for c in cases], config.val_fraction, config.seed)
+    dataset = SliceDataset(cases, progress=progress, twins=held_out, tissue=config.render > 0)
     skipped += dataset.skipped
     if len(dataset) == 0:
         raise TrainingError("no readable brain slice in the data")
-    held_out = split_patients([p.pid for p in dataset.patients], config.val_fraction,
-                              config.seed)
+    held_out &= {p.pid for p in dataset.patients}
+    monitor = _monitor_dataset(config.monitor, progress)
     val_idx = dataset.indices_of(held_out)
     train_idx = sorted(set(range(len(dataset))) - set(val_idx))
     eval_idx = val_idx
@@ -355,7 +394,7 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
 
     def evaluation(totals: dict, since: int, seconds: float) -> dict:
         t0 = time.monotonic()
-        held = evaluate(model, dataset, eval_idx, device) if eval_idx else {}
+        held = evaluate(model, dataset, eval_idx, device, monitor=monitor) if eval_idx else {}
         record = {
             "step": step,
             "slices_seen": step * config.batch_size,
@@ -397,6 +436,8 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
             batch = _batch(dataset, items, patient_number)
             # Augment where the model runs: on a GPU the resampling would otherwise bound the step.
             batch = {k: v.to(device) for k, v in batch.items()}
+            if config.render > 0:
+                batch = redraw(batch, config.render, config.seed * 3_000_017 + step, device)
             if config.augment:
                 batch = augment(batch, torch.Generator().manual_seed(config.seed * 7919 + step))
             x = batch["image"].contiguous(memory_format=memory_format)
@@ -464,4 +505,19 @@ def _summary(record: dict) -> str:
             f"{f('dice_ET')}), SSIM rec {f('rec_ssim_brain')}, pseudo-normal SSIM out "
             f"{f('pn_ssim_out')}, MAE in lesion {f('pn_mae_in')} (input {f('input_mae_in')}), "
             f"abnormal top-5 lesion/clean {f('abn_lesion_at5')}/{f('abn_clean_at5')}, normal "
-            f"twin {f('normal_twin_at5')}; score {f('score')}")
+            f"twin {f('normal_twin_at5')}; score {f('score')}" + _monitor_summary(held))
+
+
+def _monitor_summary(held: dict) -> str:
+    mon = held.get("monitor")
+    if not mon:
+        return ""
+
+    def f(key):
+        v = mon.get(key)
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return (f"; monitor ({mon['slices']} slices, not for selection): abnormal top-5 "
+            f"lesion/clean {f('abn_lesion_at5')}/{f('abn_clean_at5')}, Dice whole "
+            f"{f('dice_whole')} (TC/ED/ET {f('dice_TC')}/{f('dice_ED')}/{f('dice_ET')}), "
+            f"SSIM rec {f('rec_ssim_brain')}")

@@ -84,6 +84,12 @@ def train(
         "--null-by-slice/--null-by-position",
         help="With --null-code: lesion-free slices take the null code at every position, "
              "slices with a lesion nowhere (default: by position).")] = None,
+    render: Annotated[float | None, typer.Option(
+        help="Probability that a synthetic training slice is drawn afresh from its tissue map "
+             "with a random appearance instead of its stored image (default 0).")] = None,
+    monitor: Annotated[list[Path] | None, typer.Option(
+        help="Real cohort measured at every evaluation, never trained on and never used to "
+             "select a checkpoint (repeatable).")] = None,
     bf16: Annotated[bool | None, typer.Option(
         "--bf16/--no-bf16", help="bf16 autocast where supported (default on).")] = None,
     channels_last: Annotated[bool | None, typer.Option(
@@ -105,6 +111,7 @@ def train(
         "null_code": null_code, "null_by_slice": null_by_slice,
         "abnormal_gate": abnormal_gate, "gate_by_position": gate_by_position,
         "init_from": None if init_from is None else str(init_from),
+        "render": render, "monitor": None if monitor is None else [str(m) for m in monitor],
         "bf16": bf16, "channels_last": channels_last}.items() if v is not None}
     weights = {k: v for k, v in {"rec": rec_weight, "seg": seg_weight, "sep": sep_weight, "pi": pi,
                                  "sep_margin": sep_margin, "gate": gate_weight}.items()
@@ -123,6 +130,8 @@ def train(
     for name, value in (("--lr", lr), ("--min-lr", min_lr), ("--minutes", minutes)):
         if value is not None and not value > 0:
             _fail(f"{name} must be positive, got {value}")
+    if render is not None and not 0 <= render <= 1:
+        _fail(f"--render must lie in [0, 1], got {render}")
     if val_fraction is not None and not 0 <= val_fraction < 1:
         _fail(f"--val-fraction must lie in [0, 1), got {val_fraction}")
     try:

@@ -93,3 +93,24 @@ def db_url(request, tmp_path) -> str:
            f"{params.get('port', '5432')}/{name}")
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line per missing system part whose tests were skipped, with how to install it: a green
+    run without the browser or the database tests should not pass for a full one."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if reason.startswith(("needs ", "no PostgreSQL")):
+            reasons[reason] = reasons.get(reason, 0) + 1
+    hints = {"chromium": "apt-get install chromium (CI: CBIR_REQUIRE_BROWSER=1)",
+             "PostgreSQL": "start the PostgreSQL server at 127.0.0.1:5432 (CI: "
+                           "CBIR_REQUIRE_POSTGRES=1)"}
+    for reason, count in sorted(reasons.items()):
+        hint = next((h for key, h in hints.items() if key in reason), None)
+        line = f"{count} test{'s' if count > 1 else ''} skipped: {reason}"
+        if hint:
+            line += f"; to run them: {hint}"
+        terminalreporter.write_line(line, yellow=True, bold=True)

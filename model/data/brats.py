@@ -7,8 +7,9 @@ Layouts read (``<ID>`` is the folder name and the prefix of every file in it):
   ``BraTS2021_00000``, ``SYN1_0000``).
 
 Files: ``<ID>_t1ce.nii[.gz]`` (required), ``<ID>_seg.nii[.gz]`` (optional: validation and test sets
-have none), and, from synthetic cohorts only, ``<ID>_healthy`` (the same brain without lesion) and
-``<ID>_anatomy`` (normal labels 1..6, see ``ANATOMY_LABELS``).
+have none), and, from synthetic cohorts only, ``<ID>_healthy`` (the same brain without lesion),
+``<ID>_anatomy`` (normal labels 1..6, see ``ANATOMY_LABELS``) and ``<ID>_tissue`` (the tissue map
+the image was rendered from, ``model/data/synth/tissue.py``; training renders it afresh).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from model.data import preprocess
 from model.data.nifti import Volume, VolumeError, check_same_grid, read_nifti
+from model.data.synth.tissue import NUM_TISSUES
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ ANATOMY_LABELS = {0: "none", 1: "left cerebrum", 2: "right cerebrum", 3: "left c
                   6: "right lateral ventricle"}
 
 MODALITY = "t1ce"
-OPTIONAL_FILES = ("seg", "healthy", "anatomy")
+OPTIONAL_FILES = ("seg", "healthy", "anatomy", "tissue")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -53,6 +55,7 @@ class Case:
     seg: Path | None = None
     healthy: Path | None = None
     anatomy: Path | None = None
+    tissue: Path | None = None
 
 
 @dataclass
@@ -74,6 +77,7 @@ class CaseVolumes:
     seg: np.ndarray | None = None  # (X, Y, Z) uint8, BraTS labels {0, 1, 2, 4}
     healthy: np.ndarray | None = None  # (X, Y, Z) float32, normalised with ``scale``
     anatomy: np.ndarray | None = None  # (X, Y, Z) uint8, labels 0..6
+    tissue: np.ndarray | None = None  # (X, Y, Z) uint8, tissue ids (synthetic cohorts)
 
 
 def _find_file(folder: Path, pid: str, kind: str) -> Path | None:
@@ -134,17 +138,18 @@ def _check_labels(vol: Volume, allowed: set[int], what: str) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def load_case(case: Case, with_healthy: bool = True, with_anatomy: bool = True) -> CaseVolumes:
+def load_case(case: Case, with_healthy: bool = True, with_anatomy: bool = True,
+              with_tissue: bool = False) -> CaseVolumes:
     """Read, reorient, check and normalise one patient. Raises ``VolumeError`` naming the file.
 
     ``with_healthy`` / ``with_anatomy`` False skip those optional files (the indexer needs
-    neither)."""
+    neither); ``with_tissue`` reads the tissue map (training needs it, nothing else does)."""
     image = read_nifti(case.t1ce)
     try:
         scale = preprocess.intensity_scale(image.array)
     except ValueError as exc:
         raise VolumeError(case.t1ce, str(exc)) from exc
-    seg = anatomy = healthy = None
+    seg = anatomy = healthy = tissue = None
     if case.seg is not None:
         vol = read_nifti(case.seg, dtype=None)
         check_same_grid(image, vol)
@@ -153,6 +158,10 @@ def load_case(case: Case, with_healthy: bool = True, with_anatomy: bool = True) 
         vol = read_nifti(case.anatomy, dtype=None)
         check_same_grid(image, vol)
         anatomy = _check_labels(vol, set(ANATOMY_LABELS), "anatomy labels")
+    if with_tissue and case.tissue is not None:
+        vol = read_nifti(case.tissue, dtype=None)
+        check_same_grid(image, vol)
+        tissue = _check_labels(vol, set(range(NUM_TISSUES)), "tissue map")
     if with_healthy and case.healthy is not None:
         vol = read_nifti(case.healthy)
         check_same_grid(image, vol)
@@ -165,4 +174,5 @@ def load_case(case: Case, with_healthy: bool = True, with_anatomy: bool = True) 
         seg=seg,
         healthy=healthy,
         anatomy=anatomy,
+        tissue=tissue,
     )

@@ -8,6 +8,8 @@ Each item is a dict:
 - ``has_seg``: bool, whether ``abnormal`` is ground truth;
 - ``anatomy``: (256, 256) int64 normal labels 0..6, or -1 everywhere when absent;
 - ``healthy``: (1, 256, 256) float32 lesion-free ground truth, or -1 everywhere when absent;
+- ``tissue``: (256, 256) uint8 tissue ids the image was rendered from (synthetic cohorts, when
+  loaded with ``tissue=True``), 0 everywhere when absent; ``has_tissue`` says which;
 - ``pid``, ``slice_index``.
 
 Slices whose brain area is below ``preprocess.MIN_BRAIN_PIXELS`` are skipped. Patients that fail
@@ -43,6 +45,7 @@ class SliceStacks:
     abnormal: np.ndarray | None  # (S, 256, 256) uint8 classes 0..3
     anatomy: np.ndarray | None  # (S, 256, 256) uint8 labels 0..6
     healthy: np.ndarray | None  # (S, 256, 256) float32
+    tissue: np.ndarray | None = None  # (S, 256, 256) uint8 tissue ids
 
 
 def case_slices(vols: CaseVolumes) -> SliceStacks:
@@ -61,19 +64,26 @@ def case_slices(vols: CaseVolumes) -> SliceStacks:
         abnormal=None if seg is None else SEG_LABEL_TO_CLASS[seg],
         anatomy=stack(vols.anatomy),
         healthy=stack(vols.healthy),
+        tissue=stack(vols.tissue),
     )
 
 
 class SliceDataset(Dataset):
     """Brain-containing axial slices of a set of patients, held in memory after one scan."""
 
-    def __init__(self, cases: Iterable[Case], progress: bool = False):
+    def __init__(self, cases: Iterable[Case], progress: bool = False,
+                 twins: set[str] | None = None, tissue: bool = False):
+        """``twins``: the patients whose lesion-free twin and anatomy labels are loaded (None:
+        all; training needs them for its held-out patients only, and they are half the memory).
+        ``tissue``: load the tissue maps of synthetic patients (training renders them)."""
         cases = list(cases)
         self.patients: list[SliceStacks] = []
         self.skipped: list[tuple[Path, str]] = []
         for case in tqdm(cases, desc="loading patients", unit="patient", disable=not progress):
+            extras = twins is None or case.pid in twins
             try:
-                self.patients.append(case_slices(load_case(case)))
+                self.patients.append(case_slices(load_case(
+                    case, with_healthy=extras, with_anatomy=extras, with_tissue=tissue)))
             except VolumeError as exc:
                 log.warning("skipping patient %s: %s", case.pid, exc)
                 self.skipped.append((exc.path, exc.problem))
@@ -107,12 +117,15 @@ class SliceDataset(Dataset):
         abnormal = st.abnormal[r] if st.abnormal is not None else np.zeros(shape, np.uint8)
         anatomy = st.anatomy[r].astype(np.int64) if st.anatomy is not None else np.full(shape, -1)
         healthy = st.healthy[r] if st.healthy is not None else np.full(shape, -1, np.float32)
+        tissue = st.tissue[r] if st.tissue is not None else np.zeros(shape, np.uint8)
         return {
             "image": torch.from_numpy(st.image[r][None].copy()),
             "abnormal": torch.from_numpy(abnormal.astype(np.int64)),
             "has_seg": st.abnormal is not None,
             "anatomy": torch.from_numpy(anatomy.astype(np.int64)),
             "healthy": torch.from_numpy(healthy[None].copy()),
+            "tissue": torch.from_numpy(tissue.copy()),
+            "has_tissue": st.tissue is not None,
             "pid": st.pid,
             "slice_index": int(st.slice_index[r]),
         }

@@ -41,3 +41,35 @@ def test_retrieval_needs_two_patients_and_score_adds_its_terms():
     assert set(one.values()) == {None}
     metrics = dict.fromkeys(SCORE_TERMS, 0.5) | {"dice_TC": 0.9, "pn_ssim_out": None}
     assert score(metrics) == 0.5 * (len(SCORE_TERMS) - 1)
+
+
+def test_monitor_figures_on_a_hand_made_cohort():
+    """The per-slice figures of a monitored cohort, against reference codes with known status."""
+    from model.config import preset
+    from model.held_out import monitor_figures
+    from model.network import DecompositionNet
+
+    torch.manual_seed(0)
+    net = DecompositionNet(preset("tiny")).eval()
+    items = []
+    for i in range(4):
+        image = torch.zeros(1, 256, 256)
+        image[:, 60:200, 60:200] = 0.5
+        abnormal = torch.zeros(256, 256, dtype=torch.long)
+        if i < 2:
+            abnormal[100:120, 100:120] = 3
+        items.append({"image": image, "abnormal": abnormal, "has_seg": True})
+    with torch.no_grad():
+        codes = net.encode(torch.stack([it["image"] for it in items])).abnormal.flatten(1)
+    # References: each slice's own code, labelled with its own status, so every top-1 agrees.
+    refs = codes.repeat(5, 1)
+    flags = torch.tensor([True, True, False, False] * 5)
+    out = monitor_figures(net, items, refs, flags, torch.device("cpu"))
+    assert out["slices"] == 4
+    # The four slices have identical images, so their codes are identical: every query's five
+    # nearest references are ties of all four statuses; precision is the share of that status.
+    assert 0.0 <= out["abn_lesion_at5"] <= 1.0 and 0.0 <= out["abn_clean_at5"] <= 1.0
+    assert abs(out["abn_lesion_at5"] + out["abn_clean_at5"] - 1.0) < 1e-9
+    assert 0.0 <= out["rec_ssim_brain"] <= 1.0
+    # An untrained net's segmentation: Dice is defined (truth has ET) for the lesion slices.
+    assert out["dice_ET"] is not None and out["dice_whole"] is not None

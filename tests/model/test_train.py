@@ -275,3 +275,50 @@ def test_gate_by_position_warm_started_from_a_pooled_gate(cohort, tmp_path):
     assert _records(out)[-1]["train_loss"]["gate_positions"] > 0
     source = read_checkpoint(pooled)["model"]["encoder.normal_head.weight"]
     assert torch.allclose(payload["model"]["encoder.normal_head.weight"], source, atol=1e-6)
+
+
+def test_redraw_replaces_only_slices_with_a_tissue_map_and_keeps_labels():
+    from model.data.synth import tissue as T
+    from model.train import redraw
+
+    tissue = torch.zeros(6, 64, 64, dtype=torch.uint8)
+    tissue[:, 8:56, 8:56] = T.WM
+    tissue[:, 20:30, 20:30] = T.ENHANCING
+    image = torch.full((6, 1, 64, 64), 0.5)
+    batch = {"image": image, "abnormal": torch.zeros(6, 64, 64, dtype=torch.long),
+             "tissue": tissue, "has_tissue": torch.tensor([True, True, True, False, False, True])}
+    out = redraw(batch, 1.0, seed=3, device=torch.device("cpu"))
+    changed = (out["image"] != image).flatten(1).any(1)
+    assert changed.tolist() == batch["has_tissue"].tolist()
+    assert out["abnormal"] is batch["abnormal"]
+    # Drawn from the map: background stays 0, the enhancing square is brighter than white matter.
+    for i in torch.nonzero(changed).flatten():
+        x = out["image"][i, 0]
+        assert (x[tissue[i] == 0] == 0).all()
+        assert x[20:30, 20:30].median() > x[40:50, 40:50].median()
+    again = redraw(batch, 1.0, seed=3, device=torch.device("cpu"))
+    torch.testing.assert_close(out["image"], again["image"])
+    assert (redraw(batch, 0.0, seed=3, device=torch.device("cpu"))["image"] == image).all()
+
+
+def test_render_run_logs_the_monitored_cohort(cohort, synth_cohort, tmp_path):
+    """A run that redraws from tissue maps, monitoring a cohort it neither trains on nor selects
+    by: its figures are logged at every evaluation and the score ignores them."""
+    monitored = tmp_path / "monitored"
+    shutil.copytree(synth_cohort / "SYN1_0003", monitored / "SYN1_0003")
+    out = tmp_path / "render.pt"
+    train([cohort], out, _config(steps=4, render=0.5, monitor=[str(monitored)]),
+          progress=False)
+    records = _records(out)
+    for record in records:
+        mon = record["held_out"]["monitor"]
+        assert mon["slices"] > 0
+        for key in ("abn_lesion_at5", "abn_clean_at5", "dice_whole", "rec_ssim_brain"):
+            assert mon[key] is None or 0.0 <= mon[key] <= 1.0, key
+    payload = read_checkpoint(out)
+    assert payload["train_config"]["render"] == 0.5
+    assert payload["train_config"]["monitor"] == [str(monitored)]
+    assert "SYN1_0003" not in payload["held_out_patients"]
+    with pytest.raises(TrainingError, match="none: no such data folder"):
+        train([cohort], tmp_path / "x.pt", _config(steps=1, monitor=[str(tmp_path / "none")]),
+              progress=False)

@@ -20,16 +20,19 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from model.atomic import fsync_dir
 from model.data.synth.phantom import BRATS_AFFINE, render_patient
+from model.data.synth.structures import template_structures
 from model.data.synth.template import load_template
 
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
-FILES = {"image": "t1ce", "seg": "seg", "healthy": "healthy", "anatomy": "anatomy"}
+FILES = {"image": "t1ce", "seg": "seg", "healthy": "healthy", "anatomy": "anatomy",
+         "tissue": "tissue"}
 
 
 def patient_id(seed: int, n: int) -> str:
@@ -55,9 +58,10 @@ def _to_brats_storage(ras: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ras[::-1, ::-1, :])
 
 
-def _write_patient(out: Path, seed: int, n: int) -> tuple[str, dict]:
+def _write_patient(out: Path, seed: int, n: int, structures: bool = True) -> tuple[str, dict]:
     pid = patient_id(seed, n)
-    arrays = render_patient(np.random.SeedSequence([seed, n]), load_template())
+    arrays = render_patient(np.random.SeedSequence([seed, n]), load_template(),
+                            structures=structures)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{pid}-", dir=out))
     try:
         for key, suffix in FILES.items():
@@ -67,7 +71,9 @@ def _write_patient(out: Path, seed: int, n: int) -> tuple[str, dict]:
             nib.save(img, path)
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-        (tmp / "synth.json").write_text(json.dumps({"seed": seed, "n": n, **arrays["summary"]}))
+        (tmp / "synth.json").write_text(json.dumps({"seed": seed, "n": n,
+                                                    "structures": structures,
+                                                    **arrays["summary"]}))
         fsync_dir(tmp)
         os.replace(tmp, out / pid)
         fsync_dir(out)
@@ -77,9 +83,17 @@ def _write_patient(out: Path, seed: int, n: int) -> tuple[str, dict]:
     return pid, arrays["summary"]
 
 
+def _one_thread() -> None:
+    """A worker process renders with one torch thread: the workers are the parallelism."""
+    torch.set_num_threads(1)
+
+
 def synthesize(out: Path | str, patients: int, seed: int, workers: int = 1,
-               progress: bool = True) -> SynthReport:
-    """Write ``patients`` synthetic patients under ``out``; see the module docstring."""
+               progress: bool = True, structures: bool = True) -> SynthReport:
+    """Write ``patients`` synthetic patients under ``out``; see the module docstring.
+
+    ``structures`` False leaves out the normal tissue that enhances (``structures.py``): an
+    ablation, to measure what those structures change."""
     if patients < 1:
         raise ValueError(f"--patients must be at least 1, got {patients}")
     if workers < 1:
@@ -97,18 +111,20 @@ def synthesize(out: Path | str, patients: int, seed: int, workers: int = 1,
             todo.append(n)
     start = time.perf_counter()
     load_template()  # once, before forking: workers inherit it
+    template_structures()
     bar = tqdm(total=len(todo), desc="synthesising", unit="patient", disable=not progress)
     try:
         if workers == 1 or len(todo) <= 1:
             for n in todo:
-                pid, summary = _write_patient(out, seed, n)
+                pid, summary = _write_patient(out, seed, n, structures)
                 report.written.append(pid)
                 report.lesion_counts[pid] = summary["lesions"]
                 bar.update()
         else:
             ctx = mp.get_context("fork")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = [pool.submit(_write_patient, out, seed, n) for n in todo]
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                     initializer=_one_thread) as pool:
+                futures = [pool.submit(_write_patient, out, seed, n, structures) for n in todo]
                 for fut in as_completed(futures):
                     pid, summary = fut.result()
                     report.written.append(pid)

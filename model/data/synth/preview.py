@@ -1,4 +1,10 @@
-"""A PNG grid of a few synthetic patients, read back from disk, for a person to look at."""
+"""PNG grids of synthetic patients, read back from disk, for a person to look at.
+
+``write_preview``: one row per patient (image, tumour labels, lesion-free twin, anatomy labels).
+``write_comparison``: synthetic and real patients side by side, one row each, at the same five
+levels through the brain, with their tumour labels outlined: does the synthesis look like the
+scans the model will read?
+"""
 
 from __future__ import annotations
 
@@ -43,6 +49,37 @@ def write_preview(cases: list[Case], out: Path, max_patients: int = 6) -> Path:
     chosen = cases[:max_patients]
     rows = [patient_tiles(c) for c in chosen]
     img = render.grid(rows, titles=COLUMNS, row_labels=[c.pid for c in chosen])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out)
+    return out
+
+
+LEVELS = (0.2, 0.35, 0.5, 0.65, 0.8)  # fractions of the way up through the brain's slices
+
+
+def level_tiles(case: Case) -> list[np.ndarray]:
+    """The slices at ``LEVELS`` of one patient, grey with the tumour labels in colour."""
+    vols = load_case(case, with_healthy=False, with_anatomy=False)
+    image = preprocess.axial_slices(vols.image)
+    seg = None if vols.seg is None else preprocess.axial_slices(vols.seg)
+    brain = np.flatnonzero(preprocess.brain_area(image) >= preprocess.MIN_BRAIN_PIXELS)
+    tiles = []
+    for f in LEVELS:
+        k = int(brain[int(round(f * (len(brain) - 1)))]) if brain.size else image.shape[0] // 2
+        labels = seg[k] if seg is not None else np.zeros(image.shape[1:], np.uint8)
+        tiles.append(render.overlay(image[k], labels, render.SEG_PALETTE))
+    return tiles
+
+
+def write_comparison(synthetic: list[Case], real: list[Case], out: Path,
+                     max_patients: int = 4) -> Path:
+    """Rows of synthetic patients, then rows of real ones, at the same levels (``LEVELS``)."""
+    chosen = synthetic[:max_patients] + real[:max_patients]
+    labels = [f"synthetic {c.pid}" for c in synthetic[:max_patients]]
+    labels += [f"real {c.pid}" for c in real[:max_patients]]
+    img = render.grid([level_tiles(c) for c in chosen],
+                      titles=[f"{round(100 * f)}% up" for f in LEVELS], row_labels=labels)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)

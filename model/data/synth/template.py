@@ -1,7 +1,10 @@
 """The real anatomy the synthetic cohort is built on: the MNI152 ICBM 2009a symmetric template.
 
-The 1 mm T1 template (197 x 233 x 189, skull-stripped, RAS+) and its white-matter probability map
-ship inside the ``nilearn`` wheel; they are read from the installed package, never downloaded.
+The 1 mm T1 template (197 x 233 x 189, skull-stripped, RAS+) and its grey- and white-matter
+probability maps ship inside the ``nilearn`` wheel; they are read from the installed package,
+never downloaded. CSF is what the brain holds beyond both: ``clip(1 - gm - wm, 0, 1)``. The
+synthesis draws each patient's tissue labels from these three maps (``model/data/synth/tissue.py``),
+not from the template's T1 intensities.
 
 The six normal labels are derived from the template once, by rules a reader can check:
 
@@ -27,6 +30,7 @@ from scipy import ndimage as ndi
 
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
 CEREBELLUM_TISSUE_T1 = 140
@@ -39,7 +43,9 @@ class Template:
 
     t1: np.ndarray  # (197, 233, 189) float32, 0..1
     brain: np.ndarray  # float32 0/1: T1 > 0
+    gm: np.ndarray  # float32 grey-matter probability 0..1
     wm: np.ndarray  # float32 white-matter probability 0..1
+    csf: np.ndarray  # float32 CSF probability inside the brain: clip(1 - gm - wm, 0, 1)
     anatomy: np.ndarray  # uint8 labels 0..6 (see model.data.brats.ANATOMY_LABELS)
     depth: np.ndarray  # float32 distance (mm) from each brain voxel to the brain's edge
     origin: np.ndarray  # (3,) voxel index of MNI (0, 0, 0)
@@ -105,14 +111,20 @@ def load_template() -> Template:
     folder = template_dir()
     t1_img = nib.as_closest_canonical(nib.load(folder / TEMPLATE_FILES["t1"]))
     t1 = np.asarray(t1_img.dataobj, dtype=np.float32)
-    wm = np.asarray(nib.as_closest_canonical(nib.load(folder / TEMPLATE_FILES["wm"])).dataobj,
-                    dtype=np.float32)
+
+    def probability(kind: str) -> np.ndarray:
+        img = nib.as_closest_canonical(nib.load(folder / TEMPLATE_FILES[kind]))
+        return np.asarray(img.dataobj, dtype=np.float32) / 255.0
+
+    gm, wm = probability("gm"), probability("wm")
     origin = np.linalg.solve(t1_img.affine, [0, 0, 0, 1])[:3]
     brain = t1 > 0
     return Template(
         t1=t1 / 255.0,
         brain=brain.astype(np.float32),
-        wm=wm / 255.0,
+        gm=gm,
+        wm=wm,
+        csf=np.where(brain, np.clip(1.0 - gm - wm, 0.0, 1.0), 0.0).astype(np.float32),
         anatomy=derive_anatomy(t1, origin),
         depth=ndi.distance_transform_edt(brain).astype(np.float32),
         origin=origin.astype(np.float32),

@@ -47,7 +47,9 @@ def test_dataset_items(dataset):
     for i in range(len(dataset)):
         item = dataset[i]
         assert set(item) == {"image", "abnormal", "has_seg", "anatomy", "healthy", "pid",
-                             "slice_index"}
+                             "slice_index", "tissue", "has_tissue"}
+        # Tissue maps are loaded only when asked for (training with --render).
+        assert not item["has_tissue"] and not item["tissue"].any()
         assert item["image"].shape == (1, 256, 256) and item["image"].dtype == torch.float32
         assert item["abnormal"].shape == (256, 256) and item["abnormal"].dtype == torch.int64
         assert item["anatomy"].shape == (256, 256) and item["anatomy"].dtype == torch.int64

@@ -17,10 +17,11 @@ from scipy import ndimage as ndi
 from model.data import preprocess
 from model.data.brats import find_cases, load_case
 from model.data.synth import cohort
+from model.data.synth import tissue as T
 from model.data.synth.phantom import GRID_SHAPE, INFLUENCE_MARGIN_MM
 from tests.conftest import COHORT_PATIENTS, COHORT_SEED
 
-KINDS = ("t1ce", "seg", "healthy", "anatomy")
+KINDS = ("t1ce", "seg", "healthy", "anatomy", "tissue")
 
 
 def _arrays(folder: Path) -> dict[str, np.ndarray]:
@@ -42,6 +43,7 @@ def test_folders_files_and_shapes(synth_cohort, patients):
             assert arr.shape == GRID_SHAPE, (pid, kind)
         assert arrs["t1ce"].dtype == np.int16 and arrs["healthy"].dtype == np.int16
         assert arrs["seg"].dtype == np.uint8 and arrs["anatomy"].dtype == np.uint8
+        assert arrs["tissue"].dtype == np.uint8
         img = nib.load(synth_cohort / pid / f"{pid}_t1ce.nii.gz")
         assert np.allclose(img.header.get_zooms(), 1.0)
 
@@ -50,6 +52,11 @@ def test_label_values(patients):
     with_all_six = 0
     for arrs in patients.values():
         assert set(np.unique(arrs["seg"])) <= {0, 1, 2, 4}
+        assert set(np.unique(arrs["tissue"])) <= set(range(T.NUM_TISSUES))
+        # The segmentation is what the tissue map says, voxel for voxel; the image is brain
+        # exactly where the tissue map is.
+        np.testing.assert_array_equal(arrs["seg"], T.seg_of(arrs["tissue"]))
+        np.testing.assert_array_equal(arrs["t1ce"] > 0, arrs["tissue"] > 0)
         anatomy = set(np.unique(arrs["anatomy"]).tolist())
         assert anatomy <= set(range(7))
         with_all_six += anatomy >= {1, 2, 3, 4, 5, 6}
@@ -89,19 +96,47 @@ def test_healthy_equals_image_outside_the_region_of_influence(patients):
         assert differs.sum() > lesion.sum() // 2
 
 
-def test_lesion_intensities_look_like_gd_t1_glioma(patients):
-    """Enhancing rim brighter than white matter's surroundings, necrosis darker, edema darker."""
+def test_intensities_keep_the_t1_gd_order_of_their_tissues(patients):
+    """Per patient: enhancing tumour above grey matter, white above grey matter above CSF,
+    necrosis below white matter (``tissue.INTENSITY_PRIOR``). The venous sinuses are thin tubes
+    on the brain's edge, which blur and thick slices mix with what lies outside: their bright
+    core (90th percentile) stands above grey matter."""
+    def median_of(img, tis, cls, q=50, least=200):
+        sel = img[tis == cls]
+        return float(np.percentile(sel, q)) if sel.size > least else None
+
     for pid, a in patients.items():
-        seg, img, healthy = a["seg"], a["t1ce"].astype(float), a["healthy"].astype(float)
-        if (seg == 4).sum() < 100:
-            continue
-        brain_median = np.median(healthy[healthy > 0])
-        assert np.median(img[seg == 4]) > 1.1 * brain_median, pid
-        if (seg == 1).sum() > 100:
-            assert np.median(img[seg == 1]) < 0.7 * np.median(img[seg == 4]), pid
-        edema = seg == 2
-        if edema.sum() > 100:
-            assert np.median(img[edema] / np.maximum(healthy[edema], 1)) < 0.95, pid
+        img, tis = a["t1ce"].astype(float), a["tissue"]
+
+        def level(cls, img=img, tis=tis):
+            return median_of(img, tis, cls)
+
+        wm, gm, csf = level(T.WM), level(T.GM), level(T.CSF)
+        assert wm > gm > csf, (pid, wm, gm, csf)
+        if level(T.ENHANCING) is not None:
+            assert level(T.ENHANCING) > gm, pid
+        sinus = median_of(img, tis, T.SINUS, q=90, least=2000)
+        if sinus is not None:
+            assert sinus > gm, (pid, sinus, gm)
+        if level(T.NECROSIS) is not None:
+            assert level(T.NECROSIS) < wm, pid
+
+
+def test_normal_enhancing_structures_are_drawn_and_can_be_left_out(patients, tmp_path):
+    found = set()
+    for a in patients.values():
+        found |= set(np.unique(a["tissue"]).tolist()) & set(T.NORMAL_ENHANCING)
+    assert len(found) >= 3, found
+    report = cohort.synthesize(tmp_path, patients=1, seed=COHORT_SEED, progress=False,
+                               structures=False)
+    plain = _arrays(tmp_path / report.written[0])
+    assert not np.isin(plain["tissue"], T.NORMAL_ENHANCING).any()
+    # Everything else is drawn the same: the tumours and their labels are unchanged, except
+    # where a structure stood in front of the edema.
+    drawn = patients[report.written[0]]
+    free = ~np.isin(drawn["tissue"], T.NORMAL_ENHANCING)
+    np.testing.assert_array_equal(plain["seg"][free], drawn["seg"][free])
+    assert (plain["seg"] != drawn["seg"]).sum() < 0.01 * (drawn["seg"] > 0).sum()
 
 
 def test_same_seed_same_arrays_other_seed_other_ids(synth_cohort, patients, tmp_path):
