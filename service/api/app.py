@@ -6,7 +6,8 @@ the multipart parser's spool threshold is raised above that cap, so an upload ne
 into a temporary file; decoding them shares one memory budget (CBIR_DECODE_MEMORY_MB). Nothing
 logs request bodies or URLs (the access log names route templates, ``access_log.py``); errors
 name the problem, not the content. The API docs (``/docs``, ``/redoc``) load Swagger UI and ReDoc
-from the installed ``fastapi-offline`` package, so they work on a network without internet.
+from the installed ``fastapi-offline`` package, so they work on a network without internet
+(ReDoc's one run-time address made inline: ``redoc.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from service.api import access_log
 from service.api.deps import require_key
 from service.api.metrics import Metrics
 from service.api.middleware import BodyLimit, RequestMetrics
+from service.api.redoc import add_redoc
 from service.api.routes import health, search, slices, web
 from service.config import Settings
 from service.live import Reloader
@@ -111,8 +113,9 @@ def create_app(settings: Settings | None = None, retrieval: Retrieval | None = N
                 app.state.retrieval = None
 
     app = FastAPIOffline(title="compositional-cbir", version="0.1.0", description=DESCRIPTION,
-                         lifespan=lifespan, static_url="/static/docs",
+                         lifespan=lifespan, static_url="/static/docs", redoc_url=None,
                          favicon_url="data:,", swagger_ui_parameters={"validatorUrl": None})
+    add_redoc(app)
     app.state.settings = settings
     app.state.retrieval = retrieval  # replaced whole when a new generation is loaded
     app.state.reloader = None
