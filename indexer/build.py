@@ -452,7 +452,8 @@ class Indexer:
         if slices is None:
             raise store.IndexStoreError("the catalogue's slices changed while the new generation "
                                         "was written: another writer ignored the lock")
-        reference = Reference.measure(codebooks, slices["codes"], slices["slice_patient"])
+        reference = Reference.measure(codebooks, slices["codes"], slices["slice_patient"],
+                                      slices["slice_abnormal"])
         if reference is not None:
             reference.save(store.reference_path(self.index_dir, gen), codebooks)
 

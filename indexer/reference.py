@@ -8,6 +8,14 @@ match, near 0 for a worse one), and a query whose best hit lies beyond every sam
 nearest-neighbour distance (``match_percentile`` 0) is flagged as lying far from everything
 indexed: a new patient's slice is flagged so with a chance of about one in the sample size.
 
+Like is compared with like: each sampled distance keeps whether its slice has a lesion, and a
+query with a lesion is read against the sampled slices with one (a lesion-free query against
+lesion-free ones). It matters in the abnormal space: most slices are lesion-free and share the
+null code, so the median over all of them (1.95 in the demo index) made every lesion match read
+0-1% (issue 22); lesions differ between patients far more than that. A group with fewer than
+``MIN_GROUP`` sampled slices (an index of lesion-free patients, or without labels) falls back
+to all of them.
+
 Measured when an index generation is written (``cbir index build``, ``add`` and ``remove``) and
 stored beside its FAISS files (``store.reference_path``), with the codebooks it was measured
 with; the service reads it when it loads that generation, and measures it itself only for an
@@ -31,6 +39,7 @@ from indexer.layout import SPACES
 from model.atomic import atomic_write
 
 MAX_SAMPLE = 256
+MIN_GROUP = 8  # sampled slices of a status below which percentiles are read against all
 MAX_PAIRS = 20_000_000  # sample x index size: a few seconds of look-ups at most
 COLUMNS = 1 << 16  # indexed slices whose distances to the sample are held at once
 
@@ -47,15 +56,19 @@ def codebook_tables(codebooks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class Reference:
-    """Sorted between-patient nearest-neighbour distances per space, and how many were sampled."""
+    """Sorted between-patient nearest-neighbour distances per space, how many were sampled, and
+    per distance whether its slice has a lesion (1, 0, or -1 unknown; all -1 for a reference
+    stored before the status was)."""
 
     distances: dict[str, np.ndarray]
     sampled: int
+    status: dict[str, np.ndarray] | None = None
 
     @classmethod
     def measure(cls, codebooks: dict[str, np.ndarray], codes: np.ndarray,
-                patients: np.ndarray) -> Reference | None:
-        """``codes`` (N, 2, 8, 8): normal, abnormal code indices; ``patients`` (N,). None when the
+                patients: np.ndarray, abnormal: np.ndarray | None = None) -> Reference | None:
+        """``codes`` (N, 2, 8, 8): normal, abnormal code indices; ``patients`` (N,);
+        ``abnormal`` (N,) 1, 0 or -1 per slice (the catalogue's has_abnormality). None when the
         index has fewer than two patients (no between-patient distance exists)."""
         n = len(codes)
         if n == 0 or len(np.unique(patients)) < 2:
@@ -80,8 +93,14 @@ class Reference:
                              ("concat", per_code[0] + per_code[1])):
                 nearest[space] = np.minimum(nearest[space],
                                             np.where(other, d, np.inf).min(axis=1))
-        distances = {space: np.sort(d[np.isfinite(d)]) for space, d in nearest.items()}
-        return cls(distances=distances, sampled=len(rows))
+        flags = (np.asarray(abnormal, np.int8)[rows] if abnormal is not None
+                 else np.full(len(rows), -1, np.int8))
+        distances, status = {}, {}
+        for space, d in nearest.items():
+            keep = np.flatnonzero(np.isfinite(d))
+            order = keep[np.argsort(d[keep], kind="stable")]
+            distances[space], status[space] = d[order], flags[order]
+        return cls(distances=distances, sampled=len(rows), status=status)
 
     def save(self, path: Path, codebooks: dict[str, np.ndarray]) -> None:
         """Atomically, as .npz: the sorted distances per space, the sample size, and the
@@ -89,6 +108,7 @@ class Reference:
         buf = io.BytesIO()
         np.savez(buf, sampled=np.int64(self.sampled),
                  **{f"distances_{s}": self.distances[s] for s in SPACES},
+                 **{f"status_{s}": self._status(s) for s in SPACES},
                  **{f"codebook_{n}": np.asarray(b, np.float32) for n, b in codebooks.items()})
         atomic_write(Path(path), lambda fh: fh.write(buf.getvalue()))
 
@@ -103,7 +123,9 @@ class Reference:
                         return None
                 return cls(distances={s: f[f"distances_{s}"].astype(np.float64)
                                       for s in SPACES},
-                           sampled=int(f["sampled"]))
+                           sampled=int(f["sampled"]),
+                           status={s: f[f"status_{s}"] for s in SPACES}
+                           if all(f"status_{s}" in f for s in SPACES) else None)
         except (OSError, KeyError, ValueError):
             return None
 
@@ -117,21 +139,37 @@ class Reference:
         except (OSError, KeyError, ValueError):
             return None
 
-    def median(self, space: str) -> float:
-        return float(np.median(self.distances[space]))
+    def _status(self, space: str) -> np.ndarray:
+        if self.status is None:
+            return np.full(len(self.distances[space]), -1, np.int8)
+        return np.asarray(self.status[space], np.int8)
 
-    def match_percentile(self, space: str, distance: float) -> float:
-        """Share (0..100) of the sampled nearest-neighbour distances that are >= ``distance``."""
+    def group(self, space: str, lesion: bool | None = None) -> np.ndarray:
+        """The sorted distances a query of this status is read against: the sampled slices with
+        (``lesion`` True) or without (False) a lesion, all of them for None or a group smaller
+        than ``MIN_GROUP``."""
         ref = self.distances[space]
+        if lesion is None:
+            return ref
+        mine = ref[self._status(space) == int(lesion)]
+        return mine if len(mine) >= MIN_GROUP else ref
+
+    def median(self, space: str, lesion: bool | None = None) -> float:
+        return float(np.median(self.group(space, lesion)))
+
+    def match_percentile(self, space: str, distance: float, lesion: bool | None = None) -> float:
+        """Share (0..100) of the sampled nearest-neighbour distances of the query's status
+        (``group``) that are >= ``distance``."""
+        ref = self.group(space, lesion)
         # float32 FAISS distances of equal codes can differ from the float64 table by rounding
         tolerance = 1e-6 * max(1.0, float(ref[-1]))
         at_least = len(ref) - np.searchsorted(ref, distance - tolerance, side="left")
         return round(100.0 * at_least / len(ref), 1)
 
-    def far(self, space: str, distance: float) -> float | None:
+    def far(self, space: str, distance: float, lesion: bool | None = None) -> float | None:
         """How many times the median the distance is, when it lies beyond every sampled
-        nearest-neighbour distance; None otherwise."""
-        if self.match_percentile(space, distance) > 0:
+        nearest-neighbour distance of the query's status; None otherwise."""
+        if self.match_percentile(space, distance, lesion) > 0:
             return None
-        median = self.median(space)
+        median = self.median(space, lesion)
         return distance / median if median > 0 else float("inf")

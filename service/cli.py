@@ -10,18 +10,23 @@ import typer
 
 from service import cli_train
 
+# Plain click help: it wraps descriptions to the terminal and never cuts a flag's name (rich's
+# tables cut `--gate-by-position` to `--gate-by-positi…` at 80 columns).
+PLAIN_HELP = {"rich_markup_mode": None}
+
 app = typer.Typer(
     help="Content-based retrieval of brain MRI slices by normal and abnormal anatomy codes.",
-    no_args_is_help=True,
+    no_args_is_help=True, **PLAIN_HELP,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Inspect BraTS-style cohorts.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect BraTS-style cohorts.", no_args_is_help=True, **PLAIN_HELP)
 app.add_typer(data_app, name="data")
-bench_app = typer.Typer(help="Benchmarks that print measured figures.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print measured figures.", no_args_is_help=True,
+                        **PLAIN_HELP)
 app.add_typer(bench_app, name="bench")
 index_app = typer.Typer(help="Build and maintain the FAISS indices and the catalogue.",
-                        no_args_is_help=True)
+                        no_args_is_help=True, **PLAIN_HELP)
 app.add_typer(index_app, name="index")
 
 DataOpt = Annotated[list[Path], typer.Option("--data", help="Cohort folder (repeatable).")]
@@ -53,17 +58,28 @@ def synth(
     patients: Annotated[int, typer.Option(help="Number of patients.")] = 40,
     seed: Annotated[int, typer.Option(help="Cohort seed: patient ids are SYN<seed>_<n>.")] = 0,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    structures: Annotated[bool, typer.Option(
+        "--structures/--no-structures",
+        help="Draw the normal tissue that enhances on T1-Gd (vessels, dura, venous sinuses, "
+             "choroid plexus); --no-structures is an ablation.")] = True,
     preview: Annotated[
         Path | None, typer.Option(help="Also write a PNG grid of a few patients here.")
     ] = None,
+    compare: Annotated[list[Path] | None, typer.Option(
+        help="With --preview: real cohort folders whose patients are shown beside synthetic "
+             "ones, at the same levels (repeatable).")] = None,
 ) -> None:
     """Write a synthetic BraTS-like cohort built on the MNI152 template (no download)."""
+    if compare and preview is None:
+        _fail("--compare shows real patients beside synthetic ones in the --preview grid: "
+              "give --preview PATH too")
     from model.data.brats import find_cases
     from model.data.synth.cohort import synthesize
-    from model.data.synth.preview import write_preview
+    from model.data.synth.preview import write_comparison, write_preview
 
     try:
-        report = synthesize(out, patients=patients, seed=seed, workers=workers)
+        report = synthesize(out, patients=patients, seed=seed, workers=workers,
+                            structures=structures)
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(str(exc))
     n = len(report.written)
@@ -77,7 +93,19 @@ def synth(
     if preview is not None:
         wanted = {f"SYN{seed}_{i:04d}" for i in range(patients)}
         cases = [c for c in find_cases(out).cases if c.pid in wanted]
-        typer.echo(f"preview: {write_preview(cases, preview)}")
+        if compare:
+            real = []
+            for folder in compare:
+                try:
+                    real += find_cases(folder).cases
+                except FileNotFoundError as exc:
+                    _fail(str(exc))
+            if not real:
+                _fail(f"--compare: no patient with a t1ce image in "
+                      f"{', '.join(map(str, compare))}")
+            typer.echo(f"preview: {write_comparison(cases, real, preview)}")
+        else:
+            typer.echo(f"preview: {write_preview(cases, preview)}")
 
 
 app.command()(cli_train.train)

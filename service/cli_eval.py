@@ -39,6 +39,9 @@ def eval_command(
     = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap draws per interval.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Slices per model batch.")] = 16,
+    compose_weighting: Annotated[str, typer.Option(
+        help="How composed queries weigh their halves: balanced (as /compose by default) or "
+             "plain (the paper's concat L2).")] = "balanced",
 ) -> None:
     """Score each search space, the composed query and the model's images on query patients of
     another cohort, beside raw-pixel, random and oracle baselines; write a JSON and HTML report."""
@@ -47,6 +50,9 @@ def eval_command(
     from service.evaluation.report import write_report
 
     ks = _ks(k)
+    if compose_weighting not in ("balanced", "plain"):
+        raise typer.BadParameter(f"--compose-weighting is balanced or plain, got "
+                                 f"{compose_weighting!r}")
     for name, value, least in (("--max-queries", max_queries, 0), ("--bootstrap", bootstrap, 1),
                                ("--batch-size", batch_size, 1)):
         if value < least:
@@ -56,7 +62,8 @@ def eval_command(
     argv = ["cbir", "eval", "--index", str(index)]
     for q in queries:
         argv += ["--queries", str(q)]
-    argv += ["--out", str(out), "--k", k, "--max-queries", str(max_queries), "--seed", str(seed)]
+    argv += ["--out", str(out), "--k", k, "--max-queries", str(max_queries), "--seed", str(seed),
+             "--compose-weighting", compose_weighting]
     for r in references or []:
         argv += ["--references", str(r)]
     if db:
@@ -67,7 +74,8 @@ def eval_command(
     try:
         evaluation = evaluate(index, queries, ks=ks, max_queries=max_queries or None, seed=seed,
                               reference_dirs=references, db_url=db, checkpoint=checkpoint,
-                              batch_size=batch_size, draws=bootstrap, command=command)
+                              batch_size=batch_size, draws=bootstrap, command=command,
+                              compose_weighting=compose_weighting)
     except (EvaluationError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None

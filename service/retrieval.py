@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from indexer import store
 from indexer.catalog import active_build, open_catalog
 from indexer.layout import DIMS, LAYOUT_VERSION, SPACES, position_distances, space_vectors
-from indexer.reference import Reference
+from indexer.reference import COLUMNS, Reference, codebook_tables
 from model.data.render import SEG_PALETTE, grey_rgb, overlay
 from service.catalogue_view import (
     CatalogueChanged,
@@ -151,14 +151,17 @@ class Retrieval:
         self.patients = {pid: (p.external_id, p.has_labels) for pid, p in view.patients.items()}
         self.patient_by_external = {ext: pid for pid, (ext, _) in self.patients.items()}
         self._inference = source.inference
+        # (K, K) squared distances between codebook rows, 2 MiB each: the balanced compose
+        self.code_tables = codebook_tables(self.codebooks)
         self.slices_per_patient = int(np.bincount(
             np.unique(self.slice_patient, return_inverse=True)[1]).max()) if len(
             self.slice_patient) else 0
         # Stored when the generation was written; measured here for an index written before.
         self.reference = Reference.load(
             store.reference_path(self.index_dir, self.build.generation), self.codebooks)
-        if self.reference is None:
-            self.reference = Reference.measure(self.codebooks, self.codes, self.slice_patient)
+        if self.reference is None or self.reference.status is None:  # none, or without status
+            self.reference = Reference.measure(self.codebooks, self.codes, self.slice_patient,
+                                               self.slice_abnormal)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -284,25 +287,20 @@ class Retrieval:
     def search(self, space: str, codes: Codes, k: int, timings: Timings,
                exclude_patient: str | None = None, has_abnormality: bool | None = None,
                exclude_patient_ids: tuple[int, ...] = (), group_by_patient: bool = False,
-               ) -> list[Hit]:
+               lesion: bool | None = None) -> list[Hit]:
         """The k nearest slices to a query's codes in ``space``, filters applied inside FAISS.
 
         ``group_by_patient``: the nearest slice of each of the k nearest patients. Fewer than k
-        come back only when fewer than k slices (patients) pass the filters.
+        come back only when fewer than k slices (patients) pass the filters. ``lesion``: whether
+        the query has one (predicted, or the stored slice's flag), which reference its match
+        percentiles are read against (``Reference.group``).
         """
         if space not in SPACES:
             raise ValueError(f"unknown space {space!r}: use one of {', '.join(SPACES)}")
-        excluded = list(exclude_patient_ids)
-        if exclude_patient is not None:
-            excluded.append(self.patient_id(exclude_patient))
         with timings.stage("search"):
             query = space_vectors(self.codebooks, codes.normal[None], codes.abnormal[None],
                                   spaces=(space,))[space]
-            keep = np.ones(len(self.slice_ids), bool)
-            if excluded:
-                keep &= ~np.isin(self.slice_patient, excluded)
-            if has_abnormality is not None:
-                keep &= self.slice_abnormal == int(has_abnormality)
+            keep = self._kept(exclude_patient, exclude_patient_ids, has_abnormality)
             filtered = not keep.all()
             available = int(keep.sum())
             # Grouped: each patient holds at most `slices_per_patient` of the nearest m, so the
@@ -330,6 +328,10 @@ class Retrieval:
                 _, first = np.unique(self.slice_patient[rows], return_index=True)
                 pick = np.sort(first)[:k]
                 distances, ids, rows = distances[pick], ids[pick], rows[pick]
+            # A match is only as good as the query is a brain slice like those indexed: an
+            # image whose anatomy is unlike every indexed slice's (noise, another body part)
+            # matches nothing, even where its lesion code is the common null code.
+            unlike = space != "normal" and self.anatomy_unlike(codes, lesion)
         with timings.stage("catalogue"):
             hits = []
             for rank, (dist, sid, row) in enumerate(zip(distances, ids, rows, strict=True),
@@ -345,7 +347,108 @@ class Retrieval:
                                 bool(flag), has_labels=has_labels,
                                 position_distances=position_distances(query, other),
                                 match_percentile=None if self.reference is None else
-                                self.reference.match_percentile(space, float(dist))))
+                                0.0 if unlike else
+                                self.reference.match_percentile(space, float(dist), lesion)))
+        return hits
+
+    def anatomy_unlike(self, codes: Codes, lesion: bool | None) -> bool:
+        """Whether the query's normal code lies farther from every indexed slice's than any
+        sampled indexed slice lies from its nearest slice of another patient (one 1-NN search
+        in the normal space; False without a reference)."""
+        if self.reference is None or not len(self.slice_ids):
+            return False
+        query = space_vectors(self.codebooks, codes.normal[None], codes.abnormal[None],
+                              spaces=("normal",))["normal"]
+        distance = float(self.search_indices["normal"].search(query, 1)[0][0, 0])
+        return self.reference.far("normal", distance, lesion) is not None
+
+    def _kept(self, exclude_patient: str | None, exclude_patient_ids: tuple[int, ...],
+              has_abnormality: bool | None) -> np.ndarray:
+        """(N,) bool: the rows the filters let through."""
+        excluded = list(exclude_patient_ids)
+        if exclude_patient is not None:
+            excluded.append(self.patient_id(exclude_patient))
+        keep = np.ones(len(self.slice_ids), bool)
+        if excluded:
+            keep &= ~np.isin(self.slice_patient, excluded)
+        if has_abnormality is not None:
+            keep &= self.slice_abnormal == int(has_abnormality)
+        return keep
+
+    def compose_weights(self, lesion: bool | None) -> tuple[float, float]:
+        """Weights of the normal and abnormal halves of a balanced composed distance: one over
+        each space's median best-match distance for a query of this status (1, 1 without a
+        reference)."""
+        if self.reference is None:
+            return 1.0, 1.0
+        medians = [self.reference.median(s, lesion) for s in ("normal", "abnormal")]
+        return tuple(1.0 / m if m > 0 else 1.0 for m in medians)
+
+    def compose(self, codes: Codes, k: int, timings: Timings, weighting: str = "balanced",
+                exclude_patient: str | None = None, has_abnormality: bool | None = None,
+                exclude_patient_ids: tuple[int, ...] = (), group_by_patient: bool = False,
+                lesion: bool | None = True) -> list[Hit]:
+        """The k slices nearest to one slice's anatomy (``codes.normal``) joined with another's
+        lesion (``codes.abnormal``).
+
+        ``plain``: the paper's L2 in the concat space, where the half with the larger norms
+        decides (a lesion code's: the lesion donor's own neighbours come back, issue 22).
+        ``balanced`` (default): each half's squared distance over its typical best-match
+        distance (``compose_weights``), summed, so a typical anatomy match and a typical lesion
+        match count alike. Computed exactly from the stored codes through the codebooks' distance
+        tables (64 look-ups per half and slice, ``COLUMNS`` slices at a time); a hit's
+        ``distance`` is that weighted sum and its match percentile the lower of its two halves'.
+        """
+        if weighting == "plain":
+            return self.search("concat", codes, k, timings, exclude_patient=exclude_patient,
+                               has_abnormality=has_abnormality,
+                               exclude_patient_ids=exclude_patient_ids,
+                               group_by_patient=group_by_patient, lesion=lesion)
+        if weighting != "balanced":
+            raise ValueError(f"unknown weighting {weighting!r}: use balanced or plain")
+        w_normal, w_abnormal = self.compose_weights(lesion)
+        with timings.stage("search"):
+            keep = np.flatnonzero(self._kept(exclude_patient, exclude_patient_ids,
+                                             has_abnormality))
+            if keep.size == 0 or k <= 0:
+                return []
+            rows_t = {name: self.code_tables[name][np.asarray(idx, np.int64).reshape(64)]  # (64, K)
+                      for name, idx in (("normal", codes.normal), ("abnormal", codes.abnormal))}
+            positions = np.arange(64)[None, :]
+            halves = {name: np.empty(keep.size) for name in rows_t}
+            for start in range(0, keep.size, COLUMNS):
+                block = self.codes[keep[start:start + COLUMNS]].reshape(-1, 2, 64)
+                for c, name in enumerate(("normal", "abnormal")):
+                    halves[name][start:start + COLUMNS] = rows_t[name][
+                        positions, block[:, c].astype(np.int64)].sum(1)
+            total = w_normal * halves["normal"] + w_abnormal * halves["abnormal"]
+            order = np.argsort(total, kind="stable")
+            if group_by_patient:
+                _, first = np.unique(self.slice_patient[keep[order]], return_index=True)
+                order = order[np.sort(first)]
+            order = order[:k]
+        with timings.stage("catalogue"):
+            query = space_vectors(self.codebooks, codes.normal[None], codes.abnormal[None],
+                                  spaces=("normal", "abnormal"))
+            hits = []
+            for rank, i in enumerate(order, start=1):
+                row = int(keep[i])
+                stored = self.codes[row].astype(np.int64)
+                other = space_vectors(self.codebooks, stored[0][None], stored[1][None],
+                                      spaces=("normal", "abnormal"))
+                ext, has_labels = self.patients[int(self.slice_patient[row])]
+                flag = int(self.slice_abnormal[row])
+                match = None if self.reference is None else min(
+                    self.reference.match_percentile("normal", halves["normal"][i], lesion),
+                    self.reference.match_percentile("abnormal", halves["abnormal"][i], lesion))
+                hits.append(Hit(
+                    rank=rank, slice_id=int(self.slice_ids[row]), patient_id=ext,
+                    slice_index=int(self.slice_index[row]), distance=float(total[i]),
+                    has_abnormality=None if flag < 0 else bool(flag), has_labels=has_labels,
+                    position_distances=(
+                        w_normal * position_distances(query["normal"], other["normal"])
+                        + w_abnormal * position_distances(query["abnormal"], other["abnormal"])),
+                    match_percentile=match))
         return hits
 
     def patient_id(self, external_id: str) -> int:
@@ -355,20 +458,33 @@ class Retrieval:
             raise NotFound(f"patient {external_id!r} is not in the index")
         return pid
 
-    def far_warning(self, space: str, hits: list[Hit]) -> str | None:
-        """A reader's warning when the nearest hit lies far beyond this index's typical nearest
-        neighbour (noise, another sequence or orientation, not a brain)."""
+    def far_warning(self, space: str, hits: list[Hit], lesion: bool | None = None) -> str | None:
+        """A reader's warning when even the nearest hit is farther from the query than any
+        sampled indexed slice is from its nearest slice of another patient (match percentile 0
+        against slices of the query's status): the query is unlike this archive. ``space``
+        "compose" reads the balanced composed hits' match (the lower of their two halves')."""
         if not hits or self.reference is None:
             return None
-        ratio = self.reference.far(space, hits[0].distance)
-        if ratio is None:
+        if space == "compose":
+            if hits[0].match_percentile is None or hits[0].match_percentile > 0:
+                return None
+            return ("No indexed slice has both this anatomy and a lesion like this one as "
+                    "closely as indexed patients typically resemble each other: the nearest "
+                    "results differ from the composed query, in anatomy, lesion or both. Read "
+                    "them with caution.")
+        if hits[0].match_percentile is None or hits[0].match_percentile > 0:
             return None
-        return (f"the nearest indexed slice is {ratio:.1f}x farther than this index's typical "
-                f"nearest neighbour in the {space} space (median "
-                f"{self.reference.median(space):.4g}), farther than any of the "
-                f"{len(self.reference.distances[space])} sampled best matches between indexed "
-                f"patients: the query may not be an axial T1ce brain slice like those indexed, "
-                f"so these results may mean little")
+        # match 0 within the space's own reference: the anatomy (search's cap) decided
+        anatomy = self.reference.far(space, hits[0].distance, lesion) is None
+        what = "its anatomy" if anatomy or space == "normal" else {
+            "abnormal": "its lesion" if lesion else "its lesion code",
+            "concat": "its anatomy and lesion together"}[space]
+        return (f"Nothing in this archive resembles this image closely ({what}, in the {space} "
+                f"space): even the nearest slice is farther from it than indexed patients' "
+                f"slices typically are from each other. The image may not be an axial "
+                f"post-contrast T1 brain slice like those indexed (another sequence, "
+                f"orientation or body part), or it comes from a scanner or preprocessing unlike "
+                f"the archive's. Read these results with caution.")
 
     def patient_list(self) -> list[tuple[str, int, bool, int]]:
         """Every indexed patient: external id, slices, whether labelled, slices with a lesion."""
@@ -383,6 +499,11 @@ class Retrieval:
         row = self._row(slice_id)
         stored = self.codes[row].astype(np.int64)
         return Codes(stored[0], stored[1]), int(self.slice_patient[row])
+
+    def stored_flag(self, slice_id: int) -> bool | None:
+        """Whether an indexed slice's labels hold a lesion; None without labels."""
+        flag = int(self.slice_abnormal[self._row(slice_id)])
+        return None if flag < 0 else bool(flag)
 
     def _row(self, slice_id: int) -> int:
         row = int(np.searchsorted(self.slice_ids, slice_id))

@@ -6,7 +6,8 @@ references from another). For each query slice the model draws its codes, x_hat+
 segmentation; each space is searched through ``Retrieval.search``, the engine the API serves.
 Baselines run on the same queries and references in the same run: raw-pixel L2, random, and the
 label oracle. A composed query takes the normal code of query A and the abnormal code of query B
-(another patient, with a lesion) and is searched in ``concat``.
+(another patient, with a lesion) and is searched as /compose searches it (``Retrieval.compose``:
+balanced halves by default, the paper's plain concat L2 with ``compose_weighting="plain"``).
 """
 
 from __future__ import annotations
@@ -90,11 +91,15 @@ def draw(model, images: np.ndarray, batch_size: int, device: torch.device) -> Dr
 
 
 def search_rows(retrieval: Retrieval, space: str, normal_idx: np.ndarray,
-                abnormal_idx: np.ndarray, k: int, bar: tqdm) -> np.ndarray:
-    """(Q, k) reference rows (positions in ``retrieval.slice_ids``) the service returns."""
+                abnormal_idx: np.ndarray, k: int, bar: tqdm,
+                weighting: str = "balanced") -> np.ndarray:
+    """(Q, k) reference rows (positions in ``retrieval.slice_ids``) the service returns;
+    ``space`` "compose": composed queries, as /compose searches them with ``weighting``."""
     out = np.empty((len(normal_idx), k), np.int64)
     for i in range(len(normal_idx)):
-        hits = retrieval.search(space, Codes(normal_idx[i], abnormal_idx[i]), k, Timings())
+        codes = Codes(normal_idx[i], abnormal_idx[i])
+        hits = (retrieval.compose(codes, k, Timings(), weighting=weighting) if space == "compose"
+                else retrieval.search(space, codes, k, Timings()))
         out[i] = np.searchsorted(retrieval.slice_ids, [h.slice_id for h in hits])
         bar.update()
     return out
@@ -222,7 +227,8 @@ def evaluate(index_dir: Path, query_dirs: list[Path], ks: Sequence[int] = (1, 5,
              max_queries: int | None = 64, seed: int = 0,
              reference_dirs: list[Path] | None = None, db_url: str | None = None,
              checkpoint: Path | None = None, device: str = "auto", batch_size: int = 16,
-             draws: int = 1000, command: str = "", progress: bool = True) -> Evaluation:
+             draws: int = 1000, command: str = "", progress: bool = True,
+             compose_weighting: str = "balanced") -> Evaluation:
     """Run the whole protocol; raises ``EvaluationError`` naming a bad input."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -270,8 +276,8 @@ def evaluate(index_dir: Path, query_dirs: list[Path], ks: Sequence[int] = (1, 5,
             a_rows = np.flatnonzero(pairs >= 0)
             neighbours["compose"] = np.full((q, k_max), -1, np.int64)
             neighbours["compose"][a_rows] = search_rows(
-                retrieval, "concat", drawn.normal_idx[a_rows],
-                drawn.abnormal_idx[pairs[a_rows]], k_max, bar)
+                retrieval, "compose", drawn.normal_idx[a_rows],
+                drawn.abnormal_idx[pairs[a_rows]], k_max, bar, compose_weighting)
         pixel_index = faiss.IndexFlatL2(PIXEL_SIZE * PIXEL_SIZE)
         pixel_index.add(pixel_vectors(refs.image.astype(np.float32) / 255.0))
         neighbours["pixels"] = pixel_index.search(pixel_vectors(queries.image), k_max)[1]

@@ -228,7 +228,7 @@ function searchParams(k) {
   if (exclude) params.set('exclude_patient', exclude);
   const hasAbnormality = $('#has-abnormality').value;
   if (hasAbnormality) params.set('has_abnormality', hasAbnormality);
-  if ($('#group-patient').checked) params.set('group', 'patient');
+  params.set('group', $('#group-patient').checked ? 'patient' : 'slice');
   return params;
 }
 
@@ -290,7 +290,7 @@ async function runSimilar(neighbor) {
   const params = new URLSearchParams({ space: $('#space').value, k: String(k) });
   const hasAbnormality = $('#has-abnormality').value;
   if (hasAbnormality) params.set('has_abnormality', hasAbnormality);
-  if ($('#group-patient').checked) params.set('group', 'patient');
+  params.set('group', $('#group-patient').checked ? 'patient' : 'slice');
   await run('search', 'More like this', async (signal) => {
     const data = await requestJSON('POST', `/slices/${neighbor.slice_id}/similar?${params}`,
       { signal });
@@ -381,7 +381,7 @@ async function runCompose() {
   if (exclude) params.set('exclude_patient', exclude);
   const hasAbnormality = $('#compose-has-abnormality').value;
   if (hasAbnormality) params.set('has_abnormality', hasAbnormality);
-  if ($('#compose-group-patient').checked) params.set('group', 'patient');
+  params.set('group', $('#compose-group-patient').checked ? 'patient' : 'slice');
   if (normal.slice !== null) params.set('normal_slice', String(normal.slice));
   if (abnormal.slice !== null) params.set('abnormal_slice', String(abnormal.slice));
   await run('compose', 'Compose', async (signal) => {

@@ -38,6 +38,33 @@ def test_synth_writes_and_reports(tmp_path):
     assert (out / "SYN3_0000").is_dir() and preview.stat().st_size > 10_000
 
 
+def test_synth_preview_compares_with_a_real_cohort(synth_cohort, tmp_path):
+    from PIL import Image
+
+    from model.data.synth.preview import LEVELS
+
+    real = tmp_path / "real"
+    one = sorted(p for p in synth_cohort.iterdir() if p.is_dir())[0]
+    shutil.copytree(one, real / one.name)  # stands in for a real cohort: any BraTS layout
+    preview = tmp_path / "cmp.png"
+    result = runner.invoke(app, ["synth", "--out", str(tmp_path / "c"), "--patients", "1",
+                                 "--seed", "3", "--preview", str(preview),
+                                 "--compare", str(real)])
+    assert result.exit_code == 0, result.output
+    img = Image.open(preview)
+    # One synthetic row and one real row of 256-pixel tiles, one column per level.
+    assert img.width >= len(LEVELS) * 256 and 2 * 256 <= img.height < 3 * 256
+
+    result = runner.invoke(app, ["synth", "--out", str(tmp_path / "c"), "--patients", "1",
+                                 "--compare", str(real)])
+    assert result.exit_code == 2 and "give --preview" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(app, ["synth", "--out", str(tmp_path / "c"), "--patients", "1",
+                                 "--preview", str(preview), "--compare", str(empty)])
+    assert result.exit_code == 2 and "no patient with a t1ce image" in result.output
+
+
 def test_data_check_reports_good_and_bad_patients(synth_cohort, tmp_path):
     result = runner.invoke(app, ["data", "check", str(synth_cohort)])
     assert result.exit_code == 0, result.output

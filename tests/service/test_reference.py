@@ -89,3 +89,43 @@ def test_an_index_without_a_stored_reference_is_measured_on_load(service_index, 
     measured = Retrieval.open(old).reference
     for space in SPACES:
         assert np.array_equal(measured.distances[space], retrieval.reference.distances[space])
+
+
+def test_a_query_is_read_against_slices_of_its_status():
+    """Lesion queries against lesion slices' best matches, lesion-free against lesion-free; a
+    group under MIN_GROUP sampled slices, or a query of unknown status, against all."""
+    lesion = np.arange(10, 20, dtype=float)  # lesions differ: large best-match distances
+    free = np.linspace(0.0, 1.0, 10)  # lesion-free slices share the null code
+    d = np.concatenate([free, lesion])
+    status = np.array([0] * 10 + [1] * 10, np.int8)
+    order = np.argsort(d, kind="stable")
+    ref = Reference({s: d[order] for s in SPACES}, 20, {s: status[order] for s in SPACES})
+    assert ref.median("abnormal", lesion=True) == pytest.approx(14.5)
+    assert ref.median("abnormal", lesion=False) == pytest.approx(0.5)
+    # a typical lesion match reads as one; against all slices it read as a poor one
+    assert ref.match_percentile("abnormal", 14.0, lesion=True) == 60.0
+    assert ref.match_percentile("abnormal", 14.0) == 30.0
+    assert ref.far("abnormal", 5.0, lesion=False) == pytest.approx(10.0)
+    assert ref.far("abnormal", 5.0, lesion=True) is None
+    few = Reference({s: d[order] for s in SPACES}, 20,
+                    {s: np.where(status[order] == 1, 1, -1).astype(np.int8) for s in SPACES})
+    few.status["abnormal"][few.distances["abnormal"] > 12] = -1  # 3 lesion slices left
+    assert reference.MIN_GROUP > 3
+    np.testing.assert_array_equal(few.group("abnormal", True), few.distances["abnormal"])
+
+
+def test_status_is_measured_and_stored(retrieval, tmp_path):
+    ref = Reference.measure(retrieval.codebooks, retrieval.codes, retrieval.slice_patient,
+                            retrieval.slice_abnormal)
+    n = len(retrieval.slice_ids)
+    rows = np.unique(np.linspace(0, n - 1, ref.sampled).round().astype(np.int64))
+    for space in SPACES:
+        assert sorted(ref.status[space].tolist()) == sorted(
+            retrieval.slice_abnormal[rows].tolist())
+        assert np.all(np.diff(ref.distances[space]) >= 0)
+    path = tmp_path / "ref.npz"
+    ref.save(path, retrieval.codebooks)
+    back = Reference.load(path, retrieval.codebooks)
+    for space in SPACES:
+        np.testing.assert_array_equal(back.status[space], ref.status[space])
+        np.testing.assert_array_equal(back.distances[space], ref.distances[space])

@@ -237,7 +237,14 @@ def test_search_and_compose_write_a_large_distance_alike(page, live_server, inde
         hits = search(self, *args, **kwargs)
         return [dataclasses.replace(h, distance=d) for h, d in zip(hits, large, strict=False)]
 
+    compose = Retrieval.compose
+
+    def far_composed(self, *args, **kwargs):
+        hits = compose(self, *args, **kwargs)
+        return [dataclasses.replace(h, distance=d) for h, d in zip(hits, large, strict=False)]
+
     monkeypatch.setattr(Retrieval, "search", far)
+    monkeypatch.setattr(Retrieval, "compose", far_composed)
     open_app(page, live_server)
     upload_and_wait(page, indexed_png, k=3)
     searched = page.locator("#neighbors .neighbor-card .distance").all_inner_texts()
@@ -452,7 +459,9 @@ def test_the_archive_and_the_example(page, live_server, retrieval):
     expect(page.locator("#search-title")).to_contain_text(f"patient {own}")
 
     # Browse: another patient, a slice on the slider, its thumbnail, then search with it.
-    other = sorted(retrieval.patient_by_external)[-1]
+    # Another patient than the example's, so that its caption shows only once it has loaded
+    # (the slider set before that would be reset to the middle slice).
+    other = [p for p in sorted(retrieval.patient_by_external) if p != own][-1]
     page.select_option("#archive-patient", other)
     slider = page.locator("#archive-slider")
     expect(page.locator("#archive-caption")).to_contain_text(other)
@@ -540,10 +549,28 @@ def test_a_far_query_shows_its_warning(page, live_server, indexed_png, monkeypat
     is made 'far')."""
     from indexer.reference import Reference
 
-    monkeypatch.setattr(Reference, "far", lambda self, space, distance: 99.0)
+    monkeypatch.setattr(Reference, "far", lambda self, space, distance, lesion=None: 99.0)
     open_app(page, live_server)
     body = upload_and_wait(page, indexed_png, k=2)
     assert body["warnings"]
     box = page.locator("#search-warnings")
     expect(box).to_be_visible()
-    expect(box).to_contain_text("farther than this index's typical nearest neighbour")
+    expect(box).to_contain_text("Nothing in this archive resembles this image closely")
+
+
+def test_page_and_api_docs_request_nothing_outside_the_server(page, live_server):
+    """Offline: the page, Swagger UI and ReDoc load every asset from this server, and the browser
+    logs no failed request (the page fixture fails on any console error)."""
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    open_app(page, live_server)
+    page.goto(live_server + "/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("compositional-cbir")
+    page.goto(live_server + "/redoc")
+    expect(page.locator("h1").first).to_contain_text("compositional-cbir")
+    expect(page.locator("[role=menu]").first).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    outside = [u for u in requested
+               if not u.startswith((live_server, "data:", "blob:", "about:"))]
+    assert not outside, outside
+    assert any(u.endswith("/openapi.json") for u in requested)

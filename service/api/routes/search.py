@@ -64,8 +64,14 @@ ExcludeQ = Annotated[str | None, Query(
 AbnormalQ = Annotated[bool | None, Query(description="Only slices whose labels hold a lesion "
                                                      "(true) or hold none (false).")]
 GroupQ = Annotated[Literal["slice", "patient"], Query(
-    description="slice: the k nearest slices; patient: the nearest slice of each of the k "
-                "nearest patients (k distinct patients whenever k pass the filters).")]
+    description="patient (default, as on the web page): the nearest slice of each of the k "
+                "nearest patients (k distinct patients whenever k pass the filters); slice: "
+                "the k nearest slices, often neighbouring slices of one patient.")]
+
+WeightingQ = Annotated[Literal["balanced", "plain"], Query(
+    description="balanced: each half's squared distance over its typical best-match distance, "
+                "summed, so that anatomy and lesion count alike; plain: the paper's L2 in the "
+                "concat space, where a lesion code's larger norm decides.")]
 
 _UPLOAD_STATUS = ((EmptyUpload, 400), (UnsupportedUpload, 415), (UploadTooLarge, 413))
 
@@ -144,15 +150,18 @@ def _info(query: QuerySlice, labels: np.ndarray) -> QueryInfo:
 
 
 def _search(retrieval: Retrieval, space: str, codes: Codes, k: int, timings: Timings,
-            **filters) -> list[Hit]:
+            weighting: str = "balanced", **filters) -> list[Hit]:
     try:
+        if space == "compose":
+            return retrieval.compose(codes, k, timings, weighting=weighting, **filters)
         return retrieval.search(space, codes, k, timings, **filters)
     except NotFound as exc:
         raise HTTPException(404, detail=str(exc)) from None
 
 
-def _warnings(retrieval: Retrieval, space: str, hits: list[Hit]) -> list[str]:
-    far = retrieval.far_warning(space, hits)
+def _warnings(retrieval: Retrieval, space: str, hits: list[Hit],
+              lesion: bool | None) -> list[str]:
+    far = retrieval.far_warning(space, hits, lesion)
     return [far] if far else []
 
 
@@ -170,7 +179,7 @@ async def search(
     request: Request, retrieval: RetrievalDep, settings: SettingsDep,
     file: Annotated[UploadFile, File(description=UPLOAD_HELP)],
     space: SpaceQ = "normal", k: KQ = 10, slice: SliceQ = None,
-    exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None, group: GroupQ = "slice",
+    exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None, group: GroupQ = "patient",
 ) -> SearchResponse:
     """The k indexed slices nearest to the upload's code in `space`, with the query's
     reconstruction, pseudo-normal (lesion removed) and predicted segmentation.
@@ -188,12 +197,13 @@ async def search(
     def work() -> SearchResponse:
         query = _decode(request, data, slice, settings, timings, "file")
         drawn = retrieval.draw(query.image, timings)
+        lesion = bool(drawn.labels.any())
         hits = _search(retrieval, space, drawn.codes, k, timings,
                        exclude_patient=exclude_patient, has_abnormality=has_abnormality,
-                       group_by_patient=group == "patient")
+                       group_by_patient=group == "patient", lesion=lesion)
         with timings.stage("render"):
             return SearchResponse(
-                space=space, k=k, group=group, warnings=_warnings(retrieval, space, hits),
+                space=space, k=k, group=group, warnings=_warnings(retrieval, space, hits, lesion),
                 query=_info(query, drawn.labels),
                 image=_data_url(grey_png(query.image)),
                 reconstruction=_data_url(grey_png(drawn.reconstruction)),
@@ -222,10 +232,15 @@ async def compose(
     abnormal: Annotated[UploadFile, File(description="Gives the abnormal (lesion) code. "
                                                      + UPLOAD_HELP)],
     k: KQ = 10, normal_slice: SliceQ = None, abnormal_slice: SliceQ = None,
-    exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None, group: GroupQ = "slice",
+    exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None, group: GroupQ = "patient",
+    weighting: WeightingQ = "balanced",
 ) -> ComposeResponse:
     """The normal code of `normal` joined with the abnormal code of `abnormal`, searched in the
-    concat space, and the image the decoder draws from that pair with its predicted lesion."""
+    concat space, and the image the decoder draws from that pair with its predicted lesion.
+
+    `weighting=balanced` (default) weighs each half by its typical best-match distance, so the
+    hits share the anatomy of `normal` and the lesion of `abnormal`; `plain` is the paper's L2
+    on the concatenated codes."""
     _check_k(k, settings)
     _known_patient(retrieval, exclude_patient)
     await _one_file(request, "normal", "abnormal")
@@ -240,12 +255,16 @@ async def compose(
         ad = retrieval.draw(aq.image, timings)
         pair = Codes(normal=nd.codes.normal, abnormal=ad.codes.abnormal)
         image, labels = retrieval.draw_pair(pair.normal, pair.abnormal, timings)
-        hits = _search(retrieval, "concat", pair, k, timings, exclude_patient=exclude_patient,
-                       has_abnormality=has_abnormality, group_by_patient=group == "patient")
+        lesion = bool(ad.labels.any())
+        hits = _search(retrieval, "compose", pair, k, timings, weighting=weighting,
+                       exclude_patient=exclude_patient, has_abnormality=has_abnormality,
+                       group_by_patient=group == "patient", lesion=lesion)
+        space = "compose" if weighting == "balanced" else "concat"
         with timings.stage("render"):
             return ComposeResponse(
-                k=k, group=group, normal_query=_info(nq, nd.labels),
-                abnormal_query=_info(aq, ad.labels), warnings=_warnings(retrieval, "concat", hits),
+                k=k, group=group, weighting=weighting, normal_query=_info(nq, nd.labels),
+                abnormal_query=_info(aq, ad.labels),
+                warnings=_warnings(retrieval, space, hits, lesion),
                 composite_pixels={name: int((labels == value).sum())
                                   for name, value in BRATS_CLASSES.items()},
                 normal_image=_data_url(grey_png(nq.image)),
@@ -266,7 +285,7 @@ async def similar(
     space: SpaceQ = "normal", k: KQ = 10,
     exclude_own_patient: Annotated[bool, Query(description="Leave out the slice's own patient "
                                                            "(default true).")] = True,
-    has_abnormality: AbnormalQ = None, group: GroupQ = "slice",
+    has_abnormality: AbnormalQ = None, group: GroupQ = "patient",
 ) -> SimilarResponse:
     """The k nearest slices to an indexed slice's stored codes (no re-encoding)."""
     _check_k(k, settings)
@@ -278,9 +297,10 @@ async def similar(
             codes, patient = retrieval.slice_codes(slice_id)
         except NotFound as exc:
             raise HTTPException(404, detail=str(exc)) from None
+        flag = retrieval.stored_flag(slice_id)
         hits = _search(retrieval, space, codes, k, timings, has_abnormality=has_abnormality,
                        exclude_patient_ids=(patient,) if exclude_own_patient else (),
-                       group_by_patient=group == "patient")
+                       group_by_patient=group == "patient", lesion=flag)
         return SimilarResponse(space=space, k=k, group=group, slice_id=slice_id,
                                neighbors=_neighbors(hits))
 
