@@ -14,12 +14,32 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def recorded_recipe(path: Path):
+    """The training recipe a checkpoint records, as a new run's starting point: its cohort
+    monitors are dropped (they name folders of the machine it was trained on)."""
+    from model.checkpoint import CheckpointError, read_checkpoint
+    from model.train import TrainConfig, TrainingError
+
+    try:
+        recorded = read_checkpoint(path).get("train_config")
+    except CheckpointError as exc:
+        raise TrainingError(f"--from-config: {exc}") from exc
+    if not recorded:
+        raise TrainingError(f"--from-config: {path} records no training recipe (a checkpoint "
+                            f"exported before recipes were recorded?)")
+    return dataclasses.replace(TrainConfig.from_dict(recorded), monitor=[])
+
+
 def train(
     data: Annotated[list[Path], typer.Option(help="Cohort folder (repeatable).")],
     out: Annotated[Path, typer.Option(help="Training checkpoint (written atomically at every "
                                            "evaluation; <out stem>.best.pt keeps the best).")],
     resume: Annotated[bool, typer.Option(
         help="Continue the checkpoint at --out with its recorded recipe.")] = False,
+    from_config: Annotated[Path | None, typer.Option(
+        help="Start from the recipe this checkpoint records (checkpoints/cbir-cpu.pt: the "
+             "shipped recipe, a warm start from its weights included); flags given override "
+             "it. Its --monitor cohorts are not carried over.")] = None,
     minutes: Annotated[float | None, typer.Option(
         help="Wall-clock budget of this run: evaluate, checkpoint and stop when it is spent.")
     ] = None,
@@ -136,6 +156,11 @@ def train(
         _fail(f"--val-fraction must lie in [0, 1), got {val_fraction}")
     try:
         base = TrainConfig()
+        if resume and from_config is not None:
+            raise TrainingError("--resume continues the recipe of --out; --from-config starts "
+                                "a new run from another checkpoint's recipe: give one of them")
+        if from_config is not None:
+            base = recorded_recipe(from_config)
         if resume and out.exists():
             try:
                 base = TrainConfig.from_dict(read_checkpoint(out).get("train_config", {}))

@@ -128,6 +128,39 @@ def test_train_resume_takes_the_recorded_recipe_and_refuses_another(synth_cohort
     assert result.exit_code == 2 and "--minutes must be positive" in result.output
 
 
+def test_train_from_config_takes_another_checkpoints_recipe(synth_cohort, tmp_path):
+    """The shipped checkpoint records its recipe: --from-config starts a new run from it, flags
+    given override it, and the new run records what it ran."""
+    from indexer.build import DEFAULT_CHECKPOINT
+    from model.checkpoint import read_checkpoint
+
+    first = tmp_path / "first.pt"
+    result = runner.invoke(app, ["train", "--data", str(synth_cohort), "--out", str(first),
+                                 "--preset", "tiny", "--steps", "1", "--batch-size", "2",
+                                 "--eval-every", "1", "--eval-slices", "8", "--val-fraction",
+                                 "0.5", "--null-code", "--null-by-slice", "--abnormal-gate",
+                                 "--pi", "500", "--lr", "2e-3"])
+    assert result.exit_code == 0, result.output
+    second = tmp_path / "second.pt"
+    result = runner.invoke(app, ["train", "--data", str(synth_cohort), "--out", str(second),
+                                 "--from-config", str(first), "--lr", "1e-3"])
+    assert result.exit_code == 0, result.output
+    recipe = read_checkpoint(second)["train_config"]
+    assert recipe["null_code"] and recipe["null_by_slice"] and recipe["abnormal_gate"]
+    assert recipe["weights"]["pi"] == 500 and recipe["preset"] == "tiny"
+    assert recipe["lr"] == 1e-3 and recipe["batch_size"] == 2
+    shipped = read_checkpoint(DEFAULT_CHECKPOINT)["train_config"]
+    assert shipped["null_code"] and shipped["abnormal_gate"]  # the shipped recipe is there
+    result = runner.invoke(app, ["train", "--data", str(synth_cohort), "--out", str(second),
+                                 "--from-config", str(first), "--resume"])
+    assert result.exit_code == 2 and "give one of them" in result.output
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    result = runner.invoke(app, ["train", "--data", str(synth_cohort), "--out", str(second),
+                                 "--from-config", str(junk)])
+    assert result.exit_code == 2 and "--from-config" in result.output
+
+
 def test_bench_train_prints_every_switch_against_the_plain_step():
     result = runner.invoke(app, ["bench", "train", "--preset", "tiny", "--batch", "2",
                                  "--repeats", "1"])
