@@ -81,6 +81,23 @@ class LoadedModel:
     codebooks: dict[str, np.ndarray]
     note: str | None  # the checkpoint's note for users, if it has one
     eval_headline: dict | None  # its `cbir eval` headline figures, if it has them
+    card: str | None = None  # its model card, ``<checkpoint stem>.md`` beside it, if there is one
+
+
+# A model card larger than this is not served (the shipped one is about 40 kB).
+MAX_CARD_BYTES = 1 << 20
+
+
+def read_card(checkpoint: Path) -> str | None:
+    """The model card beside a checkpoint (``checkpoints/cbir-cpu.md`` for
+    ``checkpoints/cbir-cpu.pt``), or None when there is none or it is too large to serve."""
+    card = checkpoint.with_suffix(".md")
+    try:
+        if card.stat().st_size > MAX_CARD_BYTES:
+            return None
+        return card.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
 
 
 def read_manifest(index_dir: Path) -> dict:
@@ -109,7 +126,7 @@ def load_matching_checkpoint(checkpoint: Path | None, manifest: dict, build: Ind
         if ckpt["weights_sha256"] == build.checkpoint_sha256:
             return LoadedModel(model=model, weights_sha256=ckpt["weights_sha256"],
                                codebooks=codebooks_of(model), note=ckpt.get("note"),
-                               eval_headline=ckpt.get("eval_headline"))
+                               eval_headline=ckpt.get("eval_headline"), card=read_card(path))
         tried.append(f"{path} (weights {ckpt['weights_sha256'][:12]}, the index was built with "
                      f"{build.checkpoint_sha256[:12]})")
     raise RetrievalError("no checkpoint matching the index: " + "; ".join(tried))

@@ -137,6 +137,7 @@ class Retrieval:
         self.codebooks = model.codebooks
         self.model_note = model.note
         self.eval_headline = model.eval_headline
+        self.model_card = model.card
         self.indices = indices
         self.search_indices = {s: store.search_index(i) for s, i in indices.items()}
         self.faiss_gpu = faiss.get_num_gpus() > 0

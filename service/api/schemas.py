@@ -182,6 +182,8 @@ class IndexInfo(BaseModel):
     faiss_gpu: bool
     model_note: str | None = Field(None, description="The checkpoint's note for users, e.g. what "
                                                      "it was trained on and its limits.")
+    model_card: bool = Field(False, description="Whether GET /model-card serves the checkpoint's "
+                                                "model card (Markdown).")
     eval_headline: dict[str, Any] | None = Field(
         None, description="Headline figures of a `cbir eval` run of the served weights, as "
                           "the checkpoint carries them (k, then per figure the model, raw-pixel, "

@@ -18,6 +18,10 @@ const SPACE_HELP = {
 const KIND_LABEL = {
   png: 'PNG', jpeg: 'JPEG', nifti: 'NIfTI volume', dicom: 'DICOM', indexed: 'indexed slice',
 };
+// Uploads whose orientation the server knows (from the volume's or the file's header): their
+// images get R/L and A/P markers; a PNG or JPEG's orientation is unknown.
+const ORIENTED_KINDS = new Set(['nifti', 'dicom', 'dicom_series', 'indexed']);
+const isOriented = (query) => ORIENTED_KINDS.has(query?.kind);
 
 const state = {
   info: null,
@@ -116,9 +120,9 @@ function renderInfo(info) {
   if (info.faiss_gpu) stats.push('FAISS on GPU');
   if (info.auth_required) stats.push('API key in use');
   $('#index-stats').textContent = stats.join(' · ');
-  const note = $('#model-note');
-  note.textContent = info.model_note ? `Model: ${info.model_note}` : '';
-  note.hidden = !info.model_note;
+  $('#model-note-text').textContent = info.model_note ? `Model: ${info.model_note}` : '';
+  $('#model-card-open').hidden = !info.model_card;
+  $('#model-note').hidden = !info.model_note && !info.model_card;
 
   for (const option of $$('#space option')) {
     option.disabled = !info.spaces.includes(option.value);
@@ -202,16 +206,19 @@ function renderSearch(data, file) {
   info.push(' · ', el('span', { text: `space ${data.space}, k ${data.k}` }));
   $('#query-info').replaceChildren(...info);
 
+  const oriented = isOriented(q);
   $('#query-panel').replaceChildren(
     figure(data.image, 'image', 'Query', `Query slice from ${file.name}`,
-      { title: 'The slice as the model sees it (preprocessed)' }),
+      { title: 'The slice as the model sees it (preprocessed)', oriented }),
     figure(data.reconstruction, 'reconstruction', 'Reconstruction x̂⁺',
-      'Reconstruction from both codes', { title: 'Decoded from the normal and abnormal codes' }),
+      'Reconstruction from both codes',
+      { title: 'Decoded from the normal and abnormal codes', oriented }),
     figure(data.pseudo_normal, 'pseudo_normal', 'Pseudo-normal x̂⁻',
       'Pseudo-normal slice: the query with its lesion removed',
-      { title: 'Decoded from the normal code alone: what the normal space searches with' }),
+      { title: 'Decoded from the normal code alone: what the normal space searches with',
+        oriented }),
     lesionFigure(data.segmentation, 'segmentation', 'Predicted lesion',
-      'Predicted lesion segmentation over the query', q.predicted_pixels),
+      'Predicted lesion segmentation over the query', q.predicted_pixels, { oriented }),
   );
   showWarnings($('#search-warnings'), data.warnings);
 
@@ -347,15 +354,19 @@ function renderCompose(data) {
     el('span', { text: `space ${data.space}, k ${data.k}` }),
   );
 
+  // The composite has the anatomy donor's orientation.
+  const anatomyOriented = isOriented(data.normal_query);
   $('#compose-panel').replaceChildren(
     figure(data.normal_image, 'normal_image', `Anatomy from ${normal.file.name}`,
-      `Anatomy source: ${normal.file.name}`),
+      `Anatomy source: ${normal.file.name}`, { oriented: anatomyOriented }),
     figure(data.abnormal_image, 'abnormal_image', `Lesion from ${abnormal.file.name}`,
-      `Lesion source: ${abnormal.file.name}`),
+      `Lesion source: ${abnormal.file.name}`, { oriented: isOriented(data.abnormal_query) }),
     figure(data.composite, 'composite', 'Composite',
-      'Composite: the first slice\'s anatomy with the second slice\'s lesion', { id: 'composite' }),
+      'Composite: the first slice\'s anatomy with the second slice\'s lesion',
+      { id: 'composite', oriented: anatomyOriented }),
     lesionFigure(data.segmentation, 'segmentation', 'Predicted lesion over the composite',
-      'The lesion predicted from the abnormal code, over the composite', data.composite_pixels),
+      'The lesion predicted from the abnormal code, over the composite', data.composite_pixels,
+      { oriented: anatomyOriented }),
   );
   showWarnings($('#compose-warnings'), data.warnings);
 
@@ -399,6 +410,30 @@ function onComposeFile(which, file) {
   describeFile($(`#compose-${which}-name`), file);
   $(`#compose-${which}-slice-control`).hidden = true;
   if (state.compose.normal.file && state.compose.abnormal.file) runCompose();
+}
+
+// An indexed slice as an upload: its stored image, a 16-bit PNG that encodes to the codes
+// stored for it.
+async function archiveFile(slice) {
+  const blob = await (await request('GET', slice.image_url)).blob();
+  return new File([blob], `${slice.patient_id} slice ${slice.slice_index}.png`,
+    { type: 'image/png' });
+}
+
+async function composeFromArchive(which, slice) {
+  try {
+    onComposeFile(which, await archiveFile(slice));
+  } catch (err) {
+    showError(failureText('The archive slice', err));
+  }
+}
+
+// The exclude-patient fields name a patient of this archive as their example.
+function setExcludePlaceholders(patients) {
+  const text = patients.length ? `e.g. ${patients[0].patient_id}` : 'a patient id';
+  for (const selector of ['#exclude-patient', '#compose-exclude-patient']) {
+    $(selector).placeholder = text;
+  }
 }
 
 function swapCompose() {
@@ -493,9 +528,44 @@ function init() {
   }
   const archive = new Archive($('#archive'), {
     request,
-    onPick: (slice) => runSimilar(slice),
+    actions: { search: (slice) => runSimilar(slice) },
   });
-  archiveReady = () => archive.load().catch((err) => showError(failureText('The archive', err)));
+  const composeArchive = new Archive($('#compose-archive'), {
+    request,
+    prefix: 'compose-archive',
+    actions: {
+      anatomy: (slice) => composeFromArchive('normal', slice),
+      lesion: (slice) => composeFromArchive('abnormal', slice),
+    },
+  });
+  archiveReady = async () => {
+    try {
+      await Promise.all([archive.load(), composeArchive.load()]);
+      setExcludePlaceholders(archive.patients);
+    } catch (err) {
+      showError(failureText('The archive', err));
+    }
+  };
+  $('#compose-example').addEventListener('click', async () => {
+    try {
+      $('#compose-archive').open = true;
+      const lesion = await composeArchive.example();
+      const anatomy = lesion && await composeArchive.anatomyFor(lesion);
+      if (!lesion || !anatomy) {
+        showError('The example needs two patients in the archive.');
+        return;
+      }
+      state.compose = {
+        normal: { file: await archiveFile(anatomy), slice: null },
+        abnormal: { file: await archiveFile(lesion), slice: null },
+      };
+      describeFile($('#compose-normal-name'), state.compose.normal.file);
+      describeFile($('#compose-abnormal-name'), state.compose.abnormal.file);
+      await runCompose();
+    } catch (err) {
+      showError(failureText('The example', err));
+    }
+  });
   $('#try-example').addEventListener('click', async () => {
     try {
       $('#archive').open = true;
@@ -511,6 +581,16 @@ function init() {
   window.addEventListener('drop', (event) => event.preventDefault());
 
   $('#error-dismiss').addEventListener('click', clearError);
+  $('#model-card-open').addEventListener('click', async () => {
+    try {
+      const text = await (await request('GET', '/model-card')).text();
+      $('#model-card-text').textContent = text;
+      $('#model-card').showModal();
+    } catch (err) {
+      showError(failureText('The model card', err));
+    }
+  });
+  $('#model-card-close').addEventListener('click', () => $('#model-card').close());
   $('#auth-panel').addEventListener('submit', (event) => {
     event.preventDefault();
     const key = $('#api-key').value.trim();

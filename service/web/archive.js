@@ -1,31 +1,36 @@
 // The archive browser: pick a query among the indexed slices (a patient, then a slice on a
-// slider with its thumbnail), and the "try an example" button of the empty page.
-// It knows nothing of searching: `onPick(slice)` hands the chosen slice to the page.
+// slider with its thumbnail), and the examples of the empty pages. The page holds two, one per
+// mode; their elements' ids start with `prefix`. It knows nothing of searching: each of
+// `actions` (a button id suffix -> callback) hands the chosen slice to the page.
 
 const THUMB_DEBOUNCE_MS = 120;
 
 export class Archive {
-  // request(method, path) -> Response (with the API key); onPick({slice_id, patient_id, ...}).
-  constructor(root, { request, onPick }) {
+  // request(method, path) -> Response (with the API key); actions: {search: (slice) => ...}
+  // for the button `#${prefix}-search`, a slice being {slice_id, patient_id, ...}.
+  constructor(root, { request, actions, prefix = 'archive' }) {
     this.root = root;
     this.request = request;
-    this.onPick = onPick;
     this.patients = [];
     this.slices = [];
     this.thumbURL = null;
     this.timer = null;
-    this.select = root.querySelector('#archive-patient');
-    this.slider = root.querySelector('#archive-slider');
-    this.output = root.querySelector('#archive-slice-value');
-    this.thumb = root.querySelector('#archive-thumb');
-    this.caption = root.querySelector('#archive-caption');
-    this.button = root.querySelector('#archive-search');
+    const part = (name) => root.querySelector(`#${prefix}-${name}`);
+    this.select = part('patient');
+    this.slider = part('slider');
+    this.output = part('slice-value');
+    this.thumb = part('thumb');
+    this.caption = part('caption');
+    this.buttons = Object.entries(actions).map(([name, action]) => {
+      const button = part(name);
+      button.addEventListener('click', () => {
+        const chosen = this.current();
+        if (chosen) action(chosen);
+      });
+      return button;
+    });
     this.select.addEventListener('change', () => this.showPatient(this.select.value));
     this.slider.addEventListener('input', () => this.moved());
-    this.button.addEventListener('click', () => {
-      const chosen = this.current();
-      if (chosen) this.onPick(chosen);
-    });
   }
 
   async load() {
@@ -74,12 +79,11 @@ export class Archive {
 
   async showThumb() {
     const s = this.current();
+    for (const button of this.buttons) button.disabled = !s;
     if (!s) {
       this.caption.textContent = 'This patient has no indexed slice.';
-      this.button.disabled = true;
       return;
     }
-    this.button.disabled = false;
     this.output.value = `${s.slice_index}`;
     const lesion = s.has_abnormality === true ? ' · lesion' : '';
     this.caption.textContent = `${s.patient_id}, slice ${s.slice_index}${lesion}`;
@@ -101,6 +105,23 @@ export class Archive {
     const order = this.slices.map((s, i) => [Math.abs(i - middle), i, s])
       .sort((a, b) => a[0] - b[0]);
     const pick = order.find(([, , s]) => s.has_abnormality) ?? order[0];
+    if (!pick) return null;
+    this.slider.value = String(pick[1]);
+    await this.showThumb();
+    return this.current();
+  }
+
+  // A lesion-free slice of another patient than `slice`'s, at the level nearest to it: the
+  // anatomy donor of the compose example (the patient with the fewest lesion slices).
+  async anatomyFor(slice) {
+    if (!this.patients.length) await this.load();
+    const others = this.patients.filter((p) => p.patient_id !== slice.patient_id);
+    const donor = [...others].sort((a, b) => a.lesion_slices - b.lesion_slices)[0];
+    if (!donor) return null;
+    await this.showPatient(donor.patient_id);
+    const order = this.slices.map((s, i) => [Math.abs(s.slice_index - slice.slice_index), i, s])
+      .sort((a, b) => a[0] - b[0]);
+    const pick = order.find(([, , s]) => s.has_abnormality === false) ?? order[0];
     if (!pick) return null;
     this.slider.value = String(pick[1]);
     await this.showThumb();

@@ -1,4 +1,4 @@
-// Image panels: every image with its R/L and A/P markers, the predicted lesion with its
+// Image panels: every image with its R/L and A/P markers where its orientation is known, the predicted lesion with its
 // legend, and the warnings of a search.
 
 import { $, $$, el } from './dom.js';
@@ -19,8 +19,8 @@ export function lesionLegend(pixels) {
 }
 
 // The predicted lesion, in colour with its legend, or said in words when there is none.
-export function lesionFigure(src, role, caption, alt, pixels) {
-  const fig = figure(src, role, caption, alt);
+export function lesionFigure(src, role, caption, alt, pixels, { oriented = true } = {}) {
+  const fig = figure(src, role, caption, alt, { oriented });
   const total = pixels ? Object.values(pixels).reduce((a, b) => a + b, 0) : 0;
   fig.append(total > 0 ? lesionLegend(pixels)
     : el('p', { className: 'no-lesion', text: 'No lesion predicted' }));
@@ -40,9 +40,12 @@ export function orientationMarkers() {
     ([side, text]) => el('span', { className: `ori ori-${side}`, text, 'aria-hidden': 'true' }));
 }
 
-export function figure(src, role, caption, alt, { id, title } = {}) {
+// `oriented`: whether the image's orientation is known (a volume, a DICOM file, an indexed
+// slice); a PNG or JPEG upload says nothing of it, so it gets no markers.
+export function figure(src, role, caption, alt, { id, title, oriented = true } = {}) {
   const img = el('img', { src, alt, id, dataset: { role }, decoding: 'async' });
-  const frame = el('div', { className: 'oriented' }, [img, ...orientationMarkers()]);
+  const frame = el('div', { className: 'oriented' },
+    oriented ? [img, ...orientationMarkers()] : [img]);
   const figcaption = el('figcaption', { text: caption });
   return el('figure', { className: 'panel-figure', title }, [frame, figcaption]);
 }

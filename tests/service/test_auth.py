@@ -6,7 +6,7 @@ import pytest
 
 from tests.service.conftest import API_KEY
 
-KEYED = [("GET", "/info"), ("GET", "/metrics"), ("GET", "/slices/0"),
+KEYED = [("GET", "/info"), ("GET", "/model-card"), ("GET", "/metrics"), ("GET", "/slices/0"),
          ("GET", "/slices/0/image.png"), ("GET", "/patients/x"),
          ("POST", "/slices/0/similar"), ("POST", "/search"), ("POST", "/compose")]
 OPEN = ["/healthz", "/readyz", "/", "/docs", "/openapi.json", "/static/app.js"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -188,3 +189,23 @@ def test_every_response_is_counted_under_its_route_template(service_index, index
         assert (f'cbir_requests_total{{method="{method}",route="{route}",status="{status}"}} 1.0'
                 in text), (method, route, status)
     assert 'route="/slices/{slice_id}/image.png"' in text
+
+
+def test_the_model_card_beside_the_checkpoint_is_served(client, service_index, tiny_checkpoint,
+                                                        tmp_path):
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.config import Settings
+
+    r = client.get("/model-card")  # the test checkpoint has no card beside it
+    assert r.status_code == 404 and "no model card" in r.json()["detail"]
+    assert client.get("/info").json()["model_card"] is False
+    copy = tmp_path / "carded.pt"
+    shutil.copyfile(tiny_checkpoint, copy)
+    copy.with_suffix(".md").write_text("# Model card\n\nTrained on phantoms.\n")
+    with TestClient(create_app(Settings(index_dir=service_index, checkpoint=copy))) as c:
+        assert c.get("/info").json()["model_card"] is True
+        r = c.get("/model-card")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/markdown")
+    assert r.text == "# Model card\n\nTrained on phantoms.\n"

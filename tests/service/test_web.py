@@ -386,16 +386,26 @@ def test_a_checkpoint_note_shows_in_the_header_as_text(page, service_index, tiny
                                                        tmp_path):
     """A checkpoint's note (cbir export-checkpoint --note) reaches the reader, served
     from a real exported copy with the index's weights; markup in it stays text."""
-    note = "synthetic <b>training</b> data only"
+    note = "synthetic <b>training</b> data only. See noted.md."
     noted = tmp_path / "noted.pt"
     export_checkpoint(tiny_checkpoint, noted, note=note)
+    card = "# Model card: `noted.pt`\n\nTrained on <i>phantoms</i>.\n"
+    noted.with_suffix(".md").write_text(card)
     url, server, thread = _serve(Settings(index_dir=service_index, checkpoint=noted))
     try:
         page.goto(url + "/")
         expect(page.locator("body")).to_have_attribute("data-state", "ready")
         expect(page.locator("#model-note")).to_be_visible()
-        expect(page.locator("#model-note")).to_have_text(f"Model: {note}")
+        expect(page.locator("#model-note-text")).to_have_text(f"Model: {note}")
         assert page.locator("#model-note b").count() == 0
+        # The card the note points to opens on the page, as text.
+        page.click("#model-card-open")
+        dialog = page.locator("#model-card")
+        expect(dialog).to_be_visible()
+        expect(page.locator("#model-card-text")).to_have_text(card.rstrip("\n"))
+        assert page.locator("#model-card-text i").count() == 0
+        page.click("#model-card-close")
+        expect(dialog).to_be_hidden()
     finally:
         # The page goes first: thumbnails still loading from a stopped server would log
         # ERR_CONNECTION_REFUSED (seen once in CI).
@@ -404,11 +414,13 @@ def test_a_checkpoint_note_shows_in_the_header_as_text(page, service_index, tiny
         thread.join(timeout=10)
 
 
-def test_orientation_markers_and_the_predicted_lesion_panel(page, live_server, indexed_png):
+def test_orientation_markers_and_the_predicted_lesion_panel(page, live_server, indexed_png,
+                                                           indexed_nifti):
     open_app(page, live_server)
-    body = upload_and_wait(page, indexed_png, k=3)
+    # A volume's orientation is in its header: the four query figures and each neighbour.
+    body = upload_and_wait(page, indexed_nifti, k=3)
     wait_first_image(page)
-    # Every image carries R/L and A/P: the four query figures and each neighbour.
+    expect(page.locator("#query-panel .ori")).to_have_count(16)
     for frame in [*page.locator("#query-panel .oriented").all(),
                   *page.locator("#neighbors .thumb").all()]:
         marks = frame.locator(".ori")
@@ -427,6 +439,13 @@ def test_orientation_markers_and_the_predicted_lesion_panel(page, live_server, i
     first = cards(page).first
     percentile = body["neighbors"][0]["match_percentile"]
     assert first.locator(".match").inner_text() == f"{math.floor(percentile + 0.5)}%"
+    # A PNG says nothing of its orientation: no markers on its figures; indexed slices keep them.
+    with page.expect_response(lambda r: "/search?" in r.url and "slice=" not in r.url):
+        page.set_input_files("#file-input", str(indexed_png))
+    expect(page.locator("#query-panel .ori")).to_have_count(0)
+    expect(page.locator("#query-info")).to_contain_text("PNG")
+    for frame in page.locator("#neighbors .thumb").all():
+        assert frame.locator(".ori").all_inner_texts() == ["A", "P", "R", "L"]
 
 
 def test_one_result_per_patient_is_the_default(page, live_server, indexed_png):
@@ -438,7 +457,7 @@ def test_one_result_per_patient_is_the_default(page, live_server, indexed_png):
     patients = page.locator("#neighbors .neighbor-card .patient").all_inner_texts()
     assert len(patients) == len(set(patients)) > 1
     # Unchecked: the plain nearest slices, several of one patient.
-    with page.expect_response(lambda r: "/search?" in r.url and "group=" not in r.url) as plain:
+    with page.expect_response(lambda r: "/search?" in r.url and "group=slice" in r.url) as plain:
         page.uncheck("#group-patient")
     assert plain.value.ok
     expect(cards(page)).to_have_count(int(page.input_value("#k")))
@@ -550,6 +569,8 @@ def test_a_far_query_shows_its_warning(page, live_server, indexed_png, monkeypat
     from indexer.reference import Reference
 
     monkeypatch.setattr(Reference, "far", lambda self, space, distance, lesion=None: 99.0)
+    monkeypatch.setattr(Reference, "match_percentile",
+                        lambda self, space, distance, lesion=None: 0.0)
     open_app(page, live_server)
     body = upload_and_wait(page, indexed_png, k=2)
     assert body["warnings"]
@@ -574,3 +595,36 @@ def test_page_and_api_docs_request_nothing_outside_the_server(page, live_server)
                if not u.startswith((live_server, "data:", "blob:", "about:"))]
     assert not outside, outside
     assert any(u.endswith("/openapi.json") for u in requested)
+
+
+def test_compose_example_and_archive_picker(page, live_server, retrieval):
+    """A newcomer composes without files: the example takes the archive's lesion slice and a
+    lesion-free slice of another patient at the nearest level; the picker sets either side."""
+    open_app(page, live_server)
+    page.click("#mode-compose")
+    patients = sorted(retrieval.patient_by_external)
+    expect(page.locator("#compose-exclude-patient")).to_have_attribute(
+        "placeholder", f"e.g. {patients[0]}")
+    with page.expect_response(lambda r: "/compose?" in r.url) as response:
+        page.click("#compose-example")
+    assert response.value.ok, response.value.text()
+    body = response.value.json()
+    expect(page.locator("#composite")).to_be_visible()
+    names = [page.inner_text(f"#compose-{w}-name") for w in ("normal", "abnormal")]
+    anatomy, lesion = (n.split(" slice ")[0] for n in names)
+    assert anatomy != lesion and {anatomy, lesion} <= set(patients)
+    assert body["abnormal_query"]["kind"] == "png"
+    # No markers on PNG uploads (the archive slices travel as their stored PNGs).
+    assert page.locator("#compose-panel .ori").count() == 0
+
+    # The picker: another slice of the archive as the lesion, the anatomy kept.
+    picker = page.locator("#compose-archive")
+    expect(picker).to_have_attribute("open", "")
+    other = [p for p in patients if p not in (anatomy, lesion)][0]
+    page.select_option("#compose-archive-patient", other)
+    expect(page.locator("#compose-archive-caption")).to_contain_text(other)
+    with page.expect_response(lambda r: "/compose?" in r.url) as response:
+        page.click("#compose-archive-lesion")
+    assert response.value.ok, response.value.text()
+    expect(page.locator("#compose-abnormal-name")).to_contain_text(other)
+    expect(page.locator("#compose-normal-name")).to_contain_text(anatomy)

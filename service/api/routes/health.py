@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -60,6 +60,17 @@ async def metrics(request: Request) -> Response:
                     media_type=CONTENT_TYPE_LATEST)
 
 
+@private.get("/model-card", summary="The served checkpoint's model card", response_class=Response,
+             responses={200: {"content": {"text/markdown": {}}},
+                        404: {"description": "The checkpoint has no model card beside it"}})
+async def model_card(retrieval: RetrievalDep) -> Response:
+    """What the served weights were trained on, how, and what they do and do not do (the
+    Markdown file beside the checkpoint: `checkpoints/cbir-cpu.md` for the shipped one)."""
+    if retrieval.model_card is None:
+        raise HTTPException(404, "the served checkpoint has no model card beside it")
+    return Response(retrieval.model_card, media_type="text/markdown; charset=utf-8")
+
+
 @private.get("/info", response_model=IndexInfo, summary="What this server holds")
 async def info(retrieval: RetrievalDep, settings: SettingsDep) -> IndexInfo:
     counts = retrieval.counts()
@@ -69,6 +80,7 @@ async def info(retrieval: RetrievalDep, settings: SettingsDep) -> IndexInfo:
         default_k=min(settings.default_k, settings.max_k), max_k=settings.max_k,
         max_upload_mb=settings.max_upload_mb, auth_required=bool(settings.api_key),
         faiss_gpu=retrieval.faiss_gpu, model_note=retrieval.model_note,
+        model_card=retrieval.model_card is not None,
         eval_headline=retrieval.eval_headline,
         typical_distance=None if retrieval.reference is None else
         {space: retrieval.reference.median(space) for space in SPACES})
