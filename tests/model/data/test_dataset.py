@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ingest.layouts import find_cases
+from ingest.volumes import load_case
 from model.data import preprocess
-from model.data.brats import find_cases, load_case
 from model.data.dataset import SliceDataset
 
 LABEL_OF_CLASS = {0: 0, 1: 1, 2: 2, 3: 4}
