@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from ingest.layouts import find_cases
-from tests.ingest.writers import by_pid, patient
+from ingest.layouts import LOOKED_FOR, NoCasesError, find_cases, find_cases_in
+from tests.ingest.writers import (
+    brats2023_patient,
+    by_pid,
+    image_array,
+    msd_case,
+    patient,
+    save,
+)
 
 # --- find_cases --------------------------------------------------------------------------------
 
@@ -103,3 +110,67 @@ def test_empty_patient_folder_is_reported_not_dropped(tmp_path):
         ("BraTS20_Training_003",
          "missing BraTS20_Training_003_t1ce.nii.gz (or BraTS20_Training_003-t1c.nii.gz)")
     ]
+
+
+# --- BraTS 2023-2025 and the Decathlon -----------------------------------------------------------
+
+
+def test_find_cases_2023_layout_reads_t1c_and_seg_only(tmp_path):
+    brats2023_patient(tmp_path, "BraTS-GLI-00000-000")
+    brats2023_patient(tmp_path, "BraTS-GLI-00002-000", with_seg=False)
+    scan = find_cases(tmp_path)
+    cases = by_pid(scan)
+    assert sorted(cases) == ["BraTS-GLI-00000-000", "BraTS-GLI-00002-000"]
+    assert scan.skipped == []
+    case = cases["BraTS-GLI-00000-000"]
+    assert case.layout == "brats2023" and case.cohort == tmp_path.name
+    assert case.t1ce.name == "BraTS-GLI-00000-000-t1c.nii.gz"
+    assert case.seg.name == "BraTS-GLI-00000-000-seg.nii.gz"
+    assert case.channel is None and case.healthy is None
+    assert cases["BraTS-GLI-00002-000"].seg is None
+
+
+def test_find_cases_msd_layout(tmp_path):
+    root = tmp_path / "Task01_BrainTumour"
+    msd_case(root, "BRATS_001")
+    msd_case(root, "BRATS_002")
+    msd_case(root, "BRATS_485", test=True)
+    (root / "imagesTr" / "._BRATS_001.nii.gz").write_bytes(b"\0" * 10)  # macOS metadata
+    (root / "dataset.json").write_text("{}")
+    (root / "labelsTr" / "BRATS_002.nii.gz").unlink()
+    scan = find_cases(root)
+    cases = by_pid(scan)
+    assert sorted(cases) == ["BRATS_001", "BRATS_485"]
+    assert scan.skipped == [(root / "imagesTr" / "BRATS_002.nii.gz",
+                             "no label file labelsTr/BRATS_002.nii.gz")]
+    train, test = cases["BRATS_001"], cases["BRATS_485"]
+    assert train.layout == test.layout == "msd"
+    assert train.channel == test.channel == 2  # T1gd
+    assert train.t1ce == root / "imagesTr" / "BRATS_001.nii.gz"
+    assert train.seg == root / "labelsTr" / "BRATS_001.nii.gz"
+    assert test.seg is None
+    assert train.cohort == "Task01_BrainTumour"
+    assert test.cohort == "Task01_BrainTumour/imagesTs"
+
+
+def test_find_cases_in_gathers_every_layout(tmp_path):
+    patient(tmp_path / "a" / "HGG" / "BraTS19_X_1")
+    patient(tmp_path / "b" / "BraTS20_Training_001")
+    brats2023_patient(tmp_path / "c", "BraTS-GLI-00000-000")
+    msd_case(tmp_path / "d", "BRATS_001")
+    scan = find_cases_in([tmp_path / name for name in "abcd"])
+    assert [c.layout for c in scan.cases] == ["brats2019", "brats2020", "brats2023", "msd"]
+
+
+def test_no_usable_case_names_the_folders_and_the_patterns(tmp_path):
+    empty, odd = tmp_path / "empty", tmp_path / "odd"
+    empty.mkdir()
+    save(odd / "P1" / "P1_flair.nii.gz", image_array())
+    with pytest.raises(NoCasesError) as info:
+        find_cases_in([empty, odd])
+    msg = str(info.value)
+    assert msg.startswith(f"no usable case under {empty}, {odd}: looked for ")
+    for pattern in LOOKED_FOR:
+        assert pattern in msg
+    assert f"skipped {odd / 'P1'}: missing P1_t1ce.nii.gz (or P1-t1c.nii.gz)" in msg
+    assert isinstance(info.value, FileNotFoundError)  # reported as a missing folder is
