@@ -10,8 +10,17 @@ import pytest
 from ingest.layouts import Case, find_cases
 from ingest.volumes import load_case
 from model.data import preprocess
-from model.data.nifti import VolumeError
-from tests.ingest.writers import SHAPE, anatomy_array, image_array, patient, save, seg_array
+from model.data.nifti import VolumeError, read_nifti
+from tests.ingest.writers import (
+    SHAPE,
+    anatomy_array,
+    brats2023_patient,
+    image_array,
+    msd_case,
+    patient,
+    save,
+    seg_array,
+)
 
 
 def _case(tmp_path: Path, kinds=("t1ce", "seg", "healthy", "anatomy")) -> Case:
@@ -149,3 +158,50 @@ def test_loaded_image_slices_are_voxel_exact(tmp_path):
     slices = preprocess.axial_slices(vols.image)
     assert slices.shape == (SHAPE[2], 256, 256)
     assert np.count_nonzero(slices) == np.count_nonzero(vols.image)
+
+
+# --- every layout's labels in ours ---------------------------------------------------------------
+
+
+def test_brats2023_labels_map_to_ours_and_other_modalities_are_ignored(tmp_path):
+    brats2023_patient(tmp_path, "BraTS-GLI-00000-000")
+    (case,) = find_cases(tmp_path).cases
+    vols = load_case(case)
+    assert np.array_equal(vols.seg, seg_array())  # 3 ET read as our 4
+    raw = image_array()
+    assert np.allclose(vols.image, np.clip(raw / np.percentile(raw[raw > 0], 99.5), 0, 1))
+
+
+def test_brats2023_label_4_is_refused(tmp_path):
+    folder = brats2023_patient(tmp_path, "BraTS-GLI-00000-000")
+    save(folder / "BraTS-GLI-00000-000-seg.nii.gz", seg_array())  # a 2020-style label map
+    (case,) = find_cases(tmp_path).cases
+    with pytest.raises(VolumeError, match=r"values \[4\] are not brats2023 labels") as info:
+        load_case(case)
+    assert info.value.path == case.seg
+
+
+def test_msd_reads_the_t1gd_channel_and_maps_its_labels(tmp_path):
+    msd_case(tmp_path, "BRATS_001")
+    (case,) = find_cases(tmp_path).cases
+    vols = load_case(case)
+    assert vols.image.shape == SHAPE
+    raw = image_array()  # channel 2; the other three are decoys
+    assert np.allclose(vols.image, np.clip(raw / np.percentile(raw[raw > 0], 99.5), 0, 1))
+    assert np.array_equal(vols.seg, seg_array())  # 1 edema -> 2, 2 non-enhancing -> 1, 3 -> 4
+
+
+def test_msd_test_image_loads_without_labels(tmp_path):
+    msd_case(tmp_path, "BRATS_485", test=True)
+    (case,) = find_cases(tmp_path).cases
+    vols = load_case(case)
+    assert vols.seg is None and vols.image.shape == SHAPE
+
+
+def test_a_4d_image_without_a_channel_is_refused_and_a_missing_channel_named(tmp_path):
+    path = msd_case(tmp_path, "BRATS_001")
+    with pytest.raises(VolumeError, match=r"expected a 3-D volume, got shape \(20, 20, 6, 4\)"):
+        read_nifti(path)
+    with pytest.raises(VolumeError, match=r"a channel 4, got shape \(20, 20, 6, 4\)"):
+        read_nifti(path, channel=4)
+    assert np.array_equal(read_nifti(path, channel=2).array, image_array())
