@@ -95,9 +95,10 @@ def eval_command(
                             for m in ("model", "pixels", "random", "oracle"))
         typer.echo(f"  {row['space']:>8} {row['figure']:<18} {values}")
     typer.echo("the model on the query slices (mean per slice, slices):")
-    for name, fig in head["model"].items():
+    for name in head["model"]:
+        fig = result["model"][name]
         typer.echo(f"  {name:<26} {_value(fig)} ({fig['slices']})")
-    typer.echo(_summary_line(head))
+    typer.echo(_summary_line(result, head))
     typer.echo(f"wrote {json_path} and {html_path}")
 
 
@@ -105,15 +106,17 @@ def _value(fig: dict | None) -> str:
     return "-" if fig is None or fig["value"] is None else f"{fig['value']:.3f}"
 
 
-def _summary_line(head: dict) -> str:
+def _summary_line(result: dict, head: dict) -> str:
     """What matters on real scans, in one line: are lesion-free and lesion slices told apart,
-    does the model find the lesion, does it draw the brain."""
-    abnormal = {r["figure"]: r.get("model") for r in head["figures"] if r["space"] == "abnormal"}
+    does the model find the lesion, does it draw the brain. Values as eval.json holds them (the
+    headline's are rounded)."""
+    abnormal = result["figures"]["abnormal"]
 
     def at_k(name: str) -> str:
-        return "-" if abnormal.get(name) is None else f"{abnormal[name]:.3f}"
+        fig = abnormal.get(name, {})
+        return f"{fig['at_k'][str(head['k'])]['model']['value']:.3f}" if "at_k" in fig else "-"
 
-    model = head["model"]
+    model = result["model"]
     dice = " / ".join(_value(model.get(f"segmentation_dice_{c}"))
                       for c in ("tc", "ed", "et", "whole"))
     return (f"headline (abnormal space, top-{head['k']}): lesion-free precision "

@@ -66,6 +66,11 @@ def in_source_labels(ours: np.ndarray, table: dict[int, int]) -> np.ndarray:
     return out
 
 
+def decoy(image: np.ndarray, i: int) -> np.ndarray:
+    """Another modality of the same brain: mirrored and shifted, so reading it shows."""
+    return np.ascontiguousarray(np.roll(image[::-1], i, axis=1) * (i + 2))
+
+
 def brats2023_patient(root: Path, pid: str, image: np.ndarray | None = None,
                       labels: np.ndarray | None = None, with_seg: bool = True) -> Path:
     """``<pid>/<pid>-t1c.nii.gz`` and ``-seg`` (labels 1 NCR, 2 ED, 3 ET), with the other three
@@ -74,7 +79,7 @@ def brats2023_patient(root: Path, pid: str, image: np.ndarray | None = None,
     image = image_array() if image is None else image
     save(folder / f"{pid}-t1c.nii.gz", image)
     for i, other in enumerate(("t1n", "t2f", "t2w")):
-        save(folder / f"{pid}-{other}.nii.gz", image_array(seed=10 + i)[::-1].copy())
+        save(folder / f"{pid}-{other}.nii.gz", decoy(image, i))
     if with_seg:
         labels = seg_array() if labels is None else labels
         save(folder / f"{pid}-seg.nii.gz", in_source_labels(labels, BRATS2023_OF_OURS))
@@ -87,7 +92,7 @@ def msd_case(root: Path, pid: str, image: np.ndarray | None = None,
     edema, 2 non-enhancing, 3 enhancing); ``test``: in ``imagesTs``, without labels. Only the
     T1gd channel holds ``image``; the others are distinct decoys."""
     image = image_array() if image is None else image
-    decoys = [image_array(seed=20 + i)[::-1] for i in range(3)]
+    decoys = [decoy(image, i) for i in range(3)]
     channels = np.stack([decoys[0], decoys[1], image, decoys[2]], axis=-1).astype(np.float32)
     path = save(root / ("imagesTs" if test else "imagesTr") / f"{pid}.nii.gz", channels)
     if not test:
