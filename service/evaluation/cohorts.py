@@ -70,13 +70,16 @@ class Queries:
         return self.lesion.reshape(len(self.lesion), -1).any(axis=1)
 
 
-def _cases_under(dirs: list[Path]) -> dict[str, Case]:
+def _cases_under(dirs: list[Path], required: bool = True) -> dict[str, Case]:
+    """``required``: none found is an error (queries); references read from their folders only
+    their anatomy labels, and go without when there are none."""
     try:
-        scan = find_cases_in(dirs)
+        cases = (find_cases_in(dirs).cases if required
+                 else [c for root in dirs for c in find_cases(root).cases])
     except FileNotFoundError as exc:  # a missing folder, or none with a usable case
         raise EvaluationError(str(exc)) from exc
     found: dict[str, Case] = {}
-    for case in scan.cases:
+    for case in cases:
         if case.pid in found:
             raise EvaluationError(f"patient id {case.pid} appears twice: "
                                   f"{found[case.pid].t1ce} and {case.t1ce}")
@@ -87,7 +90,7 @@ def _cases_under(dirs: list[Path]) -> dict[str, Case]:
 def _reference_cases(patients: list, dirs: list[Path]) -> dict[str, Case]:
     """Each indexed patient's files: under ``dirs`` when given, else where the index read them."""
     if dirs:
-        return _cases_under(dirs)
+        return _cases_under(dirs, required=False)
     found: dict[str, Case] = {}
     for root in sorted({Path(p.source_path).parent.parent for p in patients}):
         if root.is_dir():
