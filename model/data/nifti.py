@@ -71,7 +71,7 @@ def read_nifti(path: Path | str, dtype: np.dtype | None = np.float32,
         raise VolumeError(path, f"expected a 3-D volume, got shape {tuple(shape)}")
     try:
         if channel is not None:
-            img = img.slicer[..., channel]  # reads this channel's voxels only
+            img = img.slicer[..., channel]  # the proxy reads this channel alone into memory
         # Reorienting a non-RAS file reads its data, so a truncated or corrupt file fails here,
         # inside the try, and is reported with its name.
         img = reorient_to_ras(img)
