@@ -48,7 +48,7 @@ from bench.serve_process import CBIR, ServeProcess
 from indexer import store
 from indexer.build import DEFAULT_CHECKPOINT
 from indexer.catalog import Patient, active_build, open_catalog
-from model.data.brats import find_cases
+from ingest.layouts import find_cases
 from model.data.preprocess import slice_to_png
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")

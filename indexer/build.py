@@ -37,9 +37,10 @@ from indexer.catalog import (
 )
 from indexer.layout import LAYOUT_VERSION, SPACES
 from indexer.reference import Reference
+from ingest.layouts import Case, find_cases_in
+from ingest.volumes import load_case
 from model.checkpoint import load_model
 from model.data import preprocess
-from model.data.brats import Case, find_cases, load_case
 from model.data.dataset import case_slices
 from model.data.nifti import VolumeError
 from model.data.preprocess import PREPROCESSING_VERSION
@@ -203,26 +204,15 @@ def _slice_rows(patient_id: int, first_id: int, enc: EncodedPatient) -> list[Sli
     return rows
 
 
-def _cohort_name(case: Case) -> str:
-    """The cohort folder's name, with the BraTS 2019 group: ``MICCAI_BraTS_2019/HGG``."""
-    if case.group:
-        return f"{case.folder.parent.parent.name}/{case.group}"
-    return case.folder.parent.name
-
-
 def _scan(data: list[Path]) -> tuple[list[Case], list[tuple[str, str]]]:
-    cases, skipped = [], []
-    for root in data:
-        scan = find_cases(root)
-        cases += scan.cases
-        skipped += [(str(p), why) for p, why in scan.skipped]
+    scan = find_cases_in(data)  # NoCasesError (a FileNotFoundError) when there is none
     seen: dict[str, Case] = {}
-    for case in cases:
+    for case in scan.cases:
         if case.pid in seen:
             raise store.IndexStoreError(
-                f"patient id {case.pid} appears twice: {seen[case.pid].folder} and {case.folder}")
+                f"patient id {case.pid} appears twice: {seen[case.pid].t1ce} and {case.t1ce}")
         seen[case.pid] = case
-    return cases, skipped
+    return scan.cases, [(str(p), why) for p, why in scan.skipped]
 
 
 class Indexer:
@@ -392,12 +382,16 @@ class Indexer:
                 store.write_thumbnails(self.index_dir, pid, item.thumbnails)
                 new_patients.append(Patient(
                     id=pid, external_id=item.case.pid, source_path=str(item.case.t1ce),
-                    cohort=_cohort_name(item.case),
+                    cohort=item.case.cohort,
                     slice_count=len(rows)))
                 new_rows += rows
                 report.patients_added.append(item.case.pid)
                 report.slices_added += len(rows)
             report.encode_seconds = time.perf_counter() - started
+            if not report.patients_added:  # nothing written yet: the index stays as it was
+                reasons = "; ".join(f"{where}: {why}" for where, why in report.skipped[:3])
+                raise store.IndexStoreError(f"no usable case: every patient found was skipped "
+                                            f"({reasons})")
             replaced = [p for pid_, p in existing.items() if pid_ in report.patients_added]
             if replaced:
                 old_ids = np.array(session.scalars(select(Slice.id).where(

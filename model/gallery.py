@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ingest.layouts import find_cases
+from ingest.volumes import load_case
 from model.checkpoint import load_model
 from model.data import render
-from model.data.brats import find_cases, load_case
 from model.data.dataset import case_slices
 
 COLUMNS = ["input", "x_hat+ (reconstruction)", "x_hat- (pseudo-normal)", "healthy (truth)",

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ingest.layouts import find_cases_in
 from model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from model.config import preset as model_preset
 from model.curves import plot_curves, read_log
-from model.data.brats import find_cases
 from model.data.dataset import SliceDataset
 from model.data.synth.appearance import render_batch
 from model.held_out import evaluate
@@ -224,17 +224,11 @@ class _StopFlag:
 
 
 def _load_cases(data: list[Path] | list[str]) -> tuple[list, list]:
-    cases, skipped = [], []
-    for root in data:
-        try:
-            scan = find_cases(root)
-        except FileNotFoundError as exc:
-            raise TrainingError(str(exc)) from exc
-        cases += scan.cases
-        skipped += scan.skipped
-    if not cases:
-        raise TrainingError(f"no patient with a t1ce image under {', '.join(map(str, data))}")
-    return cases, skipped
+    try:
+        scan = find_cases_in(data)
+    except FileNotFoundError as exc:  # a missing folder, or none with a usable case
+        raise TrainingError(str(exc)) from exc
+    return scan.cases, scan.skipped
 
 
 def _monitor_dataset(folders: list[str], progress: bool) -> SliceDataset | None:

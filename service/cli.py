@@ -73,7 +73,7 @@ def synth(
     if compare and preview is None:
         _fail("--compare shows real patients beside synthetic ones in the --preview grid: "
               "give --preview PATH too")
-    from model.data.brats import find_cases
+    from ingest.layouts import find_cases, find_cases_in
     from model.data.synth.cohort import synthesize
     from model.data.synth.preview import write_comparison, write_preview
 
@@ -94,15 +94,10 @@ def synth(
         wanted = {f"SYN{seed}_{i:04d}" for i in range(patients)}
         cases = [c for c in find_cases(out).cases if c.pid in wanted]
         if compare:
-            real = []
-            for folder in compare:
-                try:
-                    real += find_cases(folder).cases
-                except FileNotFoundError as exc:
-                    _fail(str(exc))
-            if not real:
-                _fail(f"--compare: no patient with a t1ce image in "
-                      f"{', '.join(map(str, compare))}")
+            try:
+                real = find_cases_in(compare).cases
+            except FileNotFoundError as exc:
+                _fail(f"--compare: {exc}")
             typer.echo(f"preview: {write_comparison(cases, real, preview)}")
         else:
             typer.echo(f"preview: {write_preview(cases, preview)}")
@@ -359,29 +354,32 @@ def data_check(
 
     Exits 1 when any patient or folder was skipped.
     """
-    from model.data.brats import find_cases, load_case
+    from ingest.layouts import find_cases_in
+    from ingest.volumes import load_case
     from model.data.dataset import case_slices
     from model.data.nifti import VolumeError
 
     ok = slices = abnormal = 0
-    problems: list[tuple[Path, str]] = []
-    for folder in folders:
+    try:
+        scan = find_cases_in(folders)
+    except FileNotFoundError as exc:  # a missing folder, or none with a usable case
+        _fail(str(exc))
+    problems: list[tuple[Path, str]] = list(scan.skipped)
+    layouts: dict[str, int] = {}
+    for case in scan.cases:
         try:
-            scan = find_cases(folder)
-        except FileNotFoundError as exc:
-            _fail(str(exc))
-        problems += scan.skipped
-        for case in scan.cases:
-            try:
-                st = case_slices(load_case(case, with_healthy=False))
-            except VolumeError as exc:
-                problems.append((exc.path, exc.problem))
-                continue
-            ok += 1
-            slices += len(st.slice_index)
-            if st.abnormal is not None:
-                abnormal += int((st.abnormal.reshape(len(st.abnormal), -1) > 0).any(1).sum())
-    typer.echo(f"{ok} patients readable, {slices} brain slices, {abnormal} with abnormality")
+            st = case_slices(load_case(case, with_healthy=False))
+        except VolumeError as exc:
+            problems.append((exc.path, exc.problem))
+            continue
+        ok += 1
+        layouts[case.layout] = layouts.get(case.layout, 0) + 1
+        slices += len(st.slice_index)
+        if st.abnormal is not None:
+            abnormal += int((st.abnormal.reshape(len(st.abnormal), -1) > 0).any(1).sum())
+    found = ", ".join(f"{n} {name}" for name, n in sorted(layouts.items()))
+    typer.echo(f"{ok} patients readable ({found or 'none'}), {slices} brain slices, "
+               f"{abnormal} with abnormality")
     for path, problem in problems:
         typer.secho(f"skipped {path}: {problem}", fg=typer.colors.YELLOW)
     if problems:

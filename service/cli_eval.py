@@ -94,4 +94,32 @@ def eval_command(
         values = " | ".join(f"{row[m]:.3f}" if m in row else "-"
                             for m in ("model", "pixels", "random", "oracle"))
         typer.echo(f"  {row['space']:>8} {row['figure']:<18} {values}")
+    typer.echo("the model on the query slices (mean per slice, slices):")
+    for name in head["model"]:
+        fig = result["model"][name]
+        typer.echo(f"  {name:<26} {_value(fig)} ({fig['slices']})")
+    typer.echo(_summary_line(result, head))
     typer.echo(f"wrote {json_path} and {html_path}")
+
+
+def _value(fig: dict | None) -> str:
+    return "-" if fig is None or fig["value"] is None else f"{fig['value']:.3f}"
+
+
+def _summary_line(result: dict, head: dict) -> str:
+    """What matters on real scans, in one line: are lesion-free and lesion slices told apart,
+    does the model find the lesion, does it draw the brain. Values as eval.json holds them (the
+    headline's are rounded)."""
+    abnormal = result["figures"]["abnormal"]
+
+    def at_k(name: str) -> str:
+        fig = abnormal.get(name, {})
+        return f"{fig['at_k'][str(head['k'])]['model']['value']:.3f}" if "at_k" in fig else "-"
+
+    model = result["model"]
+    dice = " / ".join(_value(model.get(f"segmentation_dice_{c}"))
+                      for c in ("tc", "ed", "et", "whole"))
+    return (f"headline (abnormal space, top-{head['k']}): lesion-free precision "
+            f"{at_k('healthy_precision')}, lesion precision {at_k('lesion_precision')}; "
+            f"segmentation Dice TC / ED / ET / whole {dice}; reconstruction SSIM in the brain "
+            f"{_value(model.get('reconstruction_ssim_brain'))}")

@@ -31,9 +31,10 @@ def tiny_checkpoint(synth_cohort, tmp_path_factory) -> Path:
     """
     import torch
 
+    from ingest.layouts import find_cases
+    from ingest.volumes import load_case
     from model.checkpoint import save_checkpoint
     from model.config import preset
-    from model.data.brats import find_cases, load_case
     from model.data.dataset import case_slices
     from model.network import DecompositionNet
 

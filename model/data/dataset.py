@@ -28,8 +28,10 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ingest.layouts import Case, find_cases
+from ingest.volumes import CaseVolumes, load_case
 from model.data import preprocess
-from model.data.brats import SEG_LABEL_TO_CLASS, Case, CaseVolumes, find_cases, load_case
+from model.data.brats import SEG_LABEL_TO_CLASS
 from model.data.nifti import VolumeError
 
 log = logging.getLogger(__name__)

@@ -45,11 +45,13 @@ def reorient_to_ras(img: nib.spatialimages.SpatialImage) -> nib.spatialimages.Sp
     return nib.as_closest_canonical(img)
 
 
-def read_nifti(path: Path | str, dtype: np.dtype | None = np.float32) -> Volume:
+def read_nifti(path: Path | str, dtype: np.dtype | None = np.float32,
+               channel: int | None = None) -> Volume:
     """Read a 3-D NIfTI file fully into memory, reoriented to RAS+.
 
     ``dtype`` None keeps the stored data type (used for label maps). A trailing singleton 4th
-    dimension is dropped; any other 4-D file is refused. Every failure raises ``VolumeError``
+    dimension is dropped; any other 4-D file is refused unless ``channel`` names the 3-D volume
+    to read from it (the others are not kept in memory). Every failure raises ``VolumeError``
     naming the file: missing, not NIfTI, truncated or corrupt compressed data, wrong rank.
     """
     path = Path(path)
@@ -60,11 +62,16 @@ def read_nifti(path: Path | str, dtype: np.dtype | None = np.float32) -> Volume:
     except Exception as exc:  # nibabel raises many types for a bad header
         raise VolumeError(path, f"not a readable NIfTI file ({exc})") from exc
     shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        img = img.slicer[..., 0]
-    elif len(shape) != 3:
+    if channel is not None and (len(shape) != 4 or not 0 <= channel < shape[3]):
+        raise VolumeError(path, f"expected a 4-D volume with a channel {channel}, got shape "
+                                f"{tuple(shape)}")
+    if channel is None and len(shape) == 4 and shape[3] == 1:
+        channel = 0
+    elif channel is None and len(shape) != 3:
         raise VolumeError(path, f"expected a 3-D volume, got shape {tuple(shape)}")
     try:
+        if channel is not None:
+            img = img.slicer[..., channel]  # the proxy reads this channel alone into memory
         # Reorienting a non-RAS file reads its data, so a truncated or corrupt file fails here,
         # inside the try, and is reported with its name.
         img = reorient_to_ras(img)

@@ -20,8 +20,10 @@ from tqdm import tqdm
 
 from indexer import store
 from indexer.catalog import Patient
+from ingest.layouts import Case, find_cases, find_cases_in
+from ingest.volumes import load_case
 from model.data import preprocess
-from model.data.brats import SEG_LABEL_TO_CLASS, Case, find_cases, load_case
+from model.data.brats import SEG_LABEL_TO_CLASS
 from model.data.dataset import case_slices
 from model.data.nifti import VolumeError
 from model.train import data_fingerprint
@@ -68,25 +70,27 @@ class Queries:
         return self.lesion.reshape(len(self.lesion), -1).any(axis=1)
 
 
-def _cases_under(dirs: list[Path]) -> dict[str, Case]:
+def _cases_under(dirs: list[Path], required: bool = True) -> dict[str, Case]:
+    """``required``: none found is an error (queries); references read from their folders only
+    their anatomy labels, and go without when there are none."""
+    try:
+        cases = (find_cases_in(dirs).cases if required
+                 else [c for root in dirs for c in find_cases(root).cases])
+    except FileNotFoundError as exc:  # a missing folder, or none with a usable case
+        raise EvaluationError(str(exc)) from exc
     found: dict[str, Case] = {}
-    for root in dirs:
-        try:
-            scan = find_cases(root)
-        except FileNotFoundError as exc:
-            raise EvaluationError(str(exc)) from exc
-        for case in scan.cases:
-            if case.pid in found:
-                raise EvaluationError(f"patient id {case.pid} appears twice: "
-                                      f"{found[case.pid].folder} and {case.folder}")
-            found[case.pid] = case
+    for case in cases:
+        if case.pid in found:
+            raise EvaluationError(f"patient id {case.pid} appears twice: "
+                                  f"{found[case.pid].t1ce} and {case.t1ce}")
+        found[case.pid] = case
     return found
 
 
 def _reference_cases(patients: list, dirs: list[Path]) -> dict[str, Case]:
     """Each indexed patient's files: under ``dirs`` when given, else where the index read them."""
     if dirs:
-        return _cases_under(dirs)
+        return _cases_under(dirs, required=False)
     found: dict[str, Case] = {}
     for root in sorted({Path(p.source_path).parent.parent for p in patients}):
         if root.is_dir():
@@ -177,8 +181,6 @@ def load_queries(query_dirs: list[Path], indexed: set[str], max_queries: int | N
                  progress: bool = True) -> Queries:
     """Draw query slices from the query cohorts; refuse patients the index holds."""
     cases = _cases_under([Path(d) for d in query_dirs])
-    if not cases:
-        raise EvaluationError(f"no patient under {', '.join(map(str, query_dirs))}")
     overlap = sorted(set(cases) & indexed)
     if overlap:
         raise EvaluationError(f"query patients are in the index: {', '.join(overlap)}; queries "

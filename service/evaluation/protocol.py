@@ -156,7 +156,8 @@ def _model_slice_figures(queries: Queries, drawn: Drawn) -> dict[str, list[float
         "reconstruction_ssim_brain", "pseudo_normal_mae_lesion", "pseudo_normal_ssim_lesion",
         "pseudo_normal_mae_outside", "pseudo_normal_ssim_outside", "input_mae_lesion",
         "input_ssim_lesion", "input_mae_outside", "input_ssim_outside",
-        "segmentation_dice_tc", "segmentation_dice_ed", "segmentation_dice_et")}
+        "segmentation_dice_tc", "segmentation_dice_ed", "segmentation_dice_et",
+        "segmentation_dice_whole")}
     rec_ssim = metrics.ssim_maps(drawn.reconstruction, queries.image)
     if queries.healthy is not None:
         against_twin = {"pseudo_normal": (drawn.pseudo_normal,
@@ -168,6 +169,8 @@ def _model_slice_figures(queries: Queries, drawn: Drawn) -> dict[str, list[float
         for name, label in zip(("tc", "ed", "et"), (1, 2, 3), strict=True):
             per[f"segmentation_dice_{name}"].append(
                 metrics.class_dice(drawn.predicted[i], queries.lesion[i], label))
+        per["segmentation_dice_whole"].append(
+            metrics.class_dice(drawn.predicted[i] > 0, queries.lesion[i] > 0, True))
         if queries.healthy is None:
             continue
         twin = queries.healthy[i]
@@ -197,12 +200,19 @@ def _examples(queries: Queries) -> list[int]:
     return chosen
 
 
+# The model's own per-slice figures a headline carries: what fails first on real scans.
+HEADLINE_MODEL = ("segmentation_dice_tc", "segmentation_dice_ed", "segmentation_dice_et",
+                  "segmentation_dice_whole", "reconstruction_ssim_brain")
+
+
 def headline(result: dict) -> dict:
-    """A few figures at one k (5 when evaluated, else the middle k), for cards and /info."""
+    """A few figures at one k (5 when evaluated, else the middle k), for cards and /info, and
+    the model's segmentation Dice and reconstruction SSIM (per-slice means)."""
     ks = result["k"]
     k = str(5 if 5 in ks else ks[len(ks) // 2])
     picks = [("normal", "normal_dice"), ("normal", "lesion_invariance"),
              ("abnormal", "lesion_dice"), ("abnormal", "lesion_precision"),
+             ("abnormal", "healthy_precision"),
              ("compose", "normal_dice_a"), ("compose", "lesion_dice_b")]
     rows = []
     for space, name in picks:
@@ -211,7 +221,10 @@ def headline(result: dict) -> dict:
             continue
         rows.append({"space": space, "figure": name, "label": fig["label"],
                      **{m: round(v["value"], 4) for m, v in fig["at_k"][k].items()}})
-    return {"k": int(k), "figures": rows}
+    model = {name: {"value": None if fig["value"] is None else round(fig["value"], 4),
+                    "slices": fig["slices"]}
+             for name in HEADLINE_MODEL if (fig := result["model"].get(name)) is not None}
+    return {"k": int(k), "figures": rows, "model": model}
 
 
 def _parse_ks(ks: list[int], references: int) -> list[int]:

@@ -48,8 +48,8 @@ def test_encoded_patients_carry_numpy_arrays(synth_cohort, tiny_checkpoint):
     """The loader must not turn the workers' arrays into tensors: per-slice work in the main
     process on tiny tensors cost a quarter of the indexing speed under load."""
     from indexer.build import encode_cases
+    from ingest.layouts import find_cases
     from model.checkpoint import load_model
-    from model.data.brats import find_cases
 
     case = next(c for c in find_cases(synth_cohort).cases if c.pid == "SYN1_0000")
     model, _ = load_model(tiny_checkpoint)

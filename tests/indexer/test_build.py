@@ -31,8 +31,9 @@ from indexer.layout import DIMS, SPACES, space_vectors
 from indexer.reference import Reference
 from indexer.store import IndexStoreError
 from indexer.verify import stats, verify
+from ingest.layouts import find_cases
+from ingest.volumes import load_case
 from model.checkpoint import load_model, save_checkpoint
-from model.data.brats import find_cases, load_case
 from model.data.dataset import case_slices
 from model.data.preprocess import image_to_slice, slice_to_png
 from service.cli import app

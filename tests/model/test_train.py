@@ -133,7 +133,7 @@ def test_existing_checkpoint_is_not_overwritten_without_resume(cohort, full_run)
 
 def test_empty_data_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TrainingError, match="no patient with a t1ce image under"):
+    with pytest.raises(TrainingError, match="no usable case under .*looked for"):
         train([tmp_path / "empty"], tmp_path / "m.pt", _config(), progress=False)
 
 

@@ -17,7 +17,8 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from indexer.build import Indexer
-from model.data.brats import find_cases, load_case
+from ingest.layouts import find_cases
+from ingest.volumes import load_case
 from model.data.dataset import case_slices
 from model.data.preprocess import INTENSITY_PERCENTILE, slice_to_png
 from service.api.app import create_app

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ingest.layouts import Case
+from ingest.volumes import load_case
 from model.data import preprocess, render
-from model.data.brats import Case, load_case
 
 COLUMNS = ["t1ce", "t1ce + tumour labels", "healthy (ground truth)", "t1ce + anatomy labels"]
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ingest.layouts import find_cases
+from ingest.volumes import load_case
 from model.data import preprocess
-from model.data.brats import find_cases, load_case
 from model.data.dataset import SliceDataset
 
 LABEL_OF_CLASS = {0: 0, 1: 1, 2: 2, 3: 4}
@@ -123,7 +124,7 @@ def test_scan_skips_are_listed_too(synth_cohort, tmp_path):
     bad = _copy_patient(synth_cohort, "SYN1_0002", root)
     (bad / "SYN1_0002_t1ce.nii.gz").unlink()
     ds = SliceDataset.from_folders([root])
-    assert ds.skipped == [(bad, "missing SYN1_0002_t1ce.nii.gz")]
+    assert ds.skipped == [(bad, "missing SYN1_0002_t1ce.nii.gz (or SYN1_0002-t1c.nii.gz)")]
     assert len(ds) > 0
 
 

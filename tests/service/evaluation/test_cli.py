@@ -24,6 +24,13 @@ def test_cbir_eval_writes_the_report(eval_index, split_cohort, tmp_path):
     assert (out / "index.html").stat().st_size > 10_000
     assert "at k = 2: model | pixels | random | oracle" in result.output
     assert "normal_dice" in result.output
+    healthy = data["figures"]["abnormal"]["healthy_precision"]["at_k"]["2"]["model"]["value"]
+    assert f"abnormal healthy_precision  {healthy:.3f} |" in result.output
+    whole = data["model"]["segmentation_dice_whole"]
+    assert f"  segmentation_dice_whole    {whole['value']:.3f} ({whole['slices']})" \
+        in result.output
+    assert f"headline (abnormal space, top-2): lesion-free precision {healthy:.3f}, " \
+        in result.output
 
 
 def test_cbir_eval_refuses_indexed_query_patients(eval_index, split_cohort, tmp_path):

@@ -122,7 +122,18 @@ def test_headline_names_figures_at_one_k(evaluation):
     head = evaluation.result["headline"]
     assert head["k"] == 3
     assert {(r["space"], r["figure"]) for r in head["figures"]} >= {
-        ("normal", "normal_dice"), ("abnormal", "lesion_dice"), ("compose", "lesion_dice_b")}
+        ("normal", "normal_dice"), ("abnormal", "lesion_dice"), ("abnormal", "lesion_precision"),
+        ("abnormal", "healthy_precision"), ("compose", "lesion_dice_b")}
+    model = evaluation.result["model"]
+    assert set(head["model"]) == {"segmentation_dice_tc", "segmentation_dice_ed",
+                                  "segmentation_dice_et", "segmentation_dice_whole",
+                                  "reconstruction_ssim_brain"}
+    for name, fig in head["model"].items():
+        assert fig == {"value": round(model[name]["value"], 4), "slices": model[name]["slices"]}
+    # Whole-lesion Dice is defined wherever the query or the prediction has a lesion: at least
+    # on every query slice with one.
+    assert model["segmentation_dice_whole"]["slices"] >= evaluation.result["queries"][
+        "with_lesion"]
 
 
 def test_report_files(evaluation, report_dir):

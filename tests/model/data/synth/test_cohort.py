@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from ingest.layouts import find_cases
+from ingest.volumes import load_case
 from model.data import preprocess
-from model.data.brats import find_cases, load_case
 from model.data.synth import cohort
 from model.data.synth import tissue as T
 from model.data.synth.phantom import GRID_SHAPE, INFLUENCE_MARGIN_MM
