@@ -1,0 +1,66 @@
+"""The model's space, and the one door every scan goes through to reach it.
+
+The model reads axial slices of volumes on the BraTS/SRI24 grid: 240 x 240 x 155 voxels of
+1 mm, in RAS+ order (``model.data.nifti``). ``to_model_space`` is what the upload route, the
+indexer and the PACS pull ask for "this volume, in the model's space". For now it accepts a
+volume already on that grid and refuses any other with the shape and spacing it has;
+registration to the grid (issue 21, part 1) replaces its body, not its callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from model.data.nifti import Volume
+
+MODEL_SHAPE = (240, 240, 155)
+MODEL_SPACING_MM = 1.0
+SPACING_ATOL_MM = 1e-3
+
+
+class NotInModelSpace(ValueError):
+    """A volume that is not on the model's grid (and cannot be brought there yet)."""
+
+
+def to_model_space(volume: Volume) -> Volume:
+    """``volume`` (RAS+) on the model's grid, or ``NotInModelSpace`` naming its shape/spacing."""
+    shape = tuple(int(n) for n in volume.array.shape)
+    zooms = volume.zooms
+    axes = np.abs(volume.affine[:3, :3]) > SPACING_ATOL_MM
+    on_grid = (shape == MODEL_SHAPE
+               and all(abs(z - MODEL_SPACING_MM) <= SPACING_ATOL_MM for z in zooms)
+               and (axes.sum(axis=0) == 1).all())  # axis-aligned: no rotation to resample
+    if not on_grid:
+        raise NotInModelSpace(
+            f"a {'x'.join(map(str, shape))} volume at "
+            f"{' x '.join(f'{z:.3g}' for z in zooms)} mm is not on the model's grid "
+            f"({'x'.join(map(str, MODEL_SHAPE))} voxels at {MODEL_SPACING_MM:g} mm, axis-aligned, "
+            f"the BraTS/SRI24 layout); registration to that grid is not available yet, so "
+            f"send a volume already preprocessed to it")
+    return volume
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an indexed case came from, as the catalogue keeps it: never a patient's name or id
+    from DICOM tags, only the study and series UIDs and where they were read."""
+
+    source: str  # a folder, or a DICOMweb URL (without credentials) and the series' path
+    cohort: str  # e.g. "dicom" or "dicomweb"
+    study_uid: str | None = None
+    series_uid: str | None = None
+
+
+def stage_case(root: Path, pid: str, volume: Volume) -> Path:
+    """Write ``volume`` as ``root/<pid>/<pid>_t1ce.nii.gz``, the layout the indexer reads, so a
+    DICOM-sourced case follows the same indexing path as a NIfTI one. The file holds the voxels
+    and the affine only."""
+    folder = Path(root) / pid
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{pid}_t1ce.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(volume.array, dtype=np.float32), volume.affine), path)
+    return path
