@@ -80,6 +80,10 @@ class SeriesChoice(DicomError):
     there)."""
 
 
+class SeriesTooLarge(DicomError):
+    """More voxels than the caller allows; refused before any pixel is decoded."""
+
+
 class GantryTilt(DicomError):
     pass
 
@@ -353,7 +357,7 @@ def series_volume(datasets: list, source: str = "", max_voxels: int | None = Non
     planes, affine_lps = series_geometry(planes)
     rows, cols = int(planes[0].dataset.Rows), int(planes[0].dataset.Columns)
     if max_voxels is not None and rows * cols * len(planes) > max_voxels:
-        raise DicomError(f"the series is {len(planes)} x {rows} x {cols} voxels, more than "
+        raise SeriesTooLarge(f"the series is {len(planes)} x {rows} x {cols} voxels, more than "
                          f"the {max_voxels} allowed")
     stack = _pixels(planes)  # (slice, row j, col i)
     array = np.ascontiguousarray(np.transpose(stack, (2, 1, 0)))  # (i, j, k)

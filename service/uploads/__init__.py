@@ -8,6 +8,9 @@ The kind is sniffed from the bytes, never trusted from a name or a content type:
 - NIfTI-1/2, plain or gzipped: the same steps an indexed volume goes through (RAS+ reorientation,
   per-volume intensity scale, radiological axial slice, centre fit); ``slice`` picks the axial
   slice, the middle one by default.
+- A .zip (``PK\\x03\\x04``) holding one DICOM series (``series.py``): read within bounds on
+  members and inflated size, the series picked and placed by ``ingest.dicom``, brought to the
+  model's space by ``ingest.cases.to_model_space``, then the NIfTI steps.
 - DICOM (``DICM`` at byte 128): pixel data only. Frames are slices; the per-image intensity rule
   of a volume is applied to the frames, and large frames are shrunk like a 2-D image. No tag but
   the ones pixel decoding needs is read, and none is kept or logged.
@@ -30,6 +33,7 @@ from service.uploads.base import (
     GZIP_MAGIC,
     JPEG_MAGIC,
     PNG_MAGIC,
+    ZIP_MAGIC,
     DecodeBudget,
     DecoderBusy,
     EmptyUpload,
@@ -43,6 +47,7 @@ from service.uploads.base import (
 from service.uploads.dicom import dicom_slice
 from service.uploads.images import image_slice
 from service.uploads.nifti import nifti_slice, nifti_version
+from service.uploads.series import series_slice
 
 __all__ = ["DecodeBudget", "DecoderBusy", "EmptyUpload", "Limits", "NotABrainSlice",
            "QuerySlice", "UnsupportedUpload", "UploadError", "UploadTooLarge", "decode_query",
@@ -50,20 +55,22 @@ __all__ = ["DecodeBudget", "DecoderBusy", "EmptyUpload", "Limits", "NotABrainSli
 
 
 def sniff(data: bytes) -> str:
-    """The kind of an upload from its first bytes: png, jpeg, gzip, nifti, dicom."""
+    """The kind of an upload from its first bytes: png, jpeg, gzip, zip, nifti, dicom."""
     if data.startswith(PNG_MAGIC):
         return "png"
     if data.startswith(JPEG_MAGIC):
         return "jpeg"
     if data.startswith(GZIP_MAGIC):
         return "gzip"
+    if data.startswith(ZIP_MAGIC):
+        return "zip"
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "dicom"
     if nifti_version(data):
         return "nifti"
     raise UnsupportedUpload(
-        "not a supported file: send a PNG or JPEG slice, a NIfTI volume (.nii or .nii.gz) or a "
-        "DICOM file (the content is checked, not the file name)")
+        "not a supported file: send a PNG or JPEG slice, a NIfTI volume (.nii or .nii.gz), a "
+        "DICOM file or a .zip of one DICOM series (the content is checked, not the file name)")
 
 
 def decode_query(data: bytes, slice_index: int | None = None, limits: Limits | None = None,
@@ -80,6 +87,8 @@ def decode_query(data: bytes, slice_index: int | None = None, limits: Limits | N
         query = image_slice(data, kind, slice_index, limits, budget)
     elif kind in ("gzip", "nifti"):
         query = nifti_slice(data, kind == "gzip", slice_index, limits, budget)
+    elif kind == "zip":
+        query = series_slice(data, slice_index, limits, budget)
     else:
         query = dicom_slice(data, slice_index, limits, budget)
     _require_brain(query)

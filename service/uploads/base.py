@@ -15,6 +15,7 @@ from model.data import preprocess
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 GZIP_MAGIC = b"\x1f\x8b"
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 class UploadError(ValueError):
@@ -45,12 +46,14 @@ class DecoderBusy(RuntimeError):
 class Limits:
     max_image_pixels: int = preprocess.MAX_IMAGE_PIXELS
     max_volume_voxels: int = 512 * 512 * 512
+    max_zip_members: int = 4096  # files in a .zip of a DICOM series
+    max_zip_bytes: int = 256 * 2**20  # their total size once inflated
 
 
 @dataclass(frozen=True)
 class QuerySlice:
     image: np.ndarray  # (256, 256) float32 in [0, 1]
-    kind: str  # png, jpeg, nifti, dicom
+    kind: str  # png, jpeg, nifti, dicom (a single file or a .zip of a series)
     slice: int | None = None  # axial slice / frame read from a volume
     slice_count: int | None = None  # axial slices / frames in the volume
 
@@ -105,3 +108,24 @@ def reserve(budget: DecodeBudget | None, nbytes: int, what: str) -> Iterator[Non
         return
     with budget.reserve(nbytes, what):
         yield
+
+
+def volume_slice(volume: np.ndarray, slice_index: int | None, kind: str) -> QuerySlice:
+    """Axial slice ``slice_index`` (default: the middle one) of a RAS+ volume, through the steps
+    an indexed volume goes through (``model.data.preprocess`` rules 2 to 4)."""
+    np.nan_to_num(volume, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    depth = volume.shape[2]
+    index = depth // 2 if slice_index is None else slice_index
+    if not 0 <= index < depth:
+        raise UploadError(f"slice {index} is out of range: the volume has {depth} axial slices "
+                          f"(0..{depth - 1})")
+    try:
+        scale = preprocess.intensity_scale(volume)  # rule 2, per volume
+    except ValueError as exc:
+        name = {"nifti": "NIfTI volume", "dicom": "DICOM series"}.get(kind, kind)
+        raise UploadError(f"{name}: {exc}") from exc
+    # Rule 2 is voxel-wise: normalising one slice with the volume's scale equals slicing the
+    # normalised volume, without a second volume-sized copy.
+    one = preprocess.normalize_intensity(volume[:, :, index:index + 1], scale=scale)
+    image = preprocess.axial_slices(one)[0]  # rules 3 and 4
+    return QuerySlice(image=image, kind=kind, slice=index, slice_count=depth)

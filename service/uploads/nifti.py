@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-from model.data import preprocess
 from model.data.nifti import reorient_to_ras
 from service.uploads.base import (
     GZIP_MAGIC,
@@ -27,6 +26,7 @@ from service.uploads.base import (
     UploadError,
     UploadTooLarge,
     reserve,
+    volume_slice,
 )
 
 HEAD = 544  # inflated bytes enough for either header (348 + 4, or 540 + 4)
@@ -207,18 +207,4 @@ def _nifti_volume_slice(data: bytes, layout: _NiftiLayout, slice_index: int | No
         volume = np.asanyarray(reorient_to_ras(img).dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises many types for a bad header or data
         raise UploadError(f"unreadable NIfTI file ({type(exc).__name__}: {exc})") from exc
-    np.nan_to_num(volume, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    depth = volume.shape[2]
-    index = depth // 2 if slice_index is None else slice_index
-    if not 0 <= index < depth:
-        raise UploadError(f"slice {index} is out of range: the volume has {depth} axial slices "
-                          f"(0..{depth - 1})")
-    try:
-        scale = preprocess.intensity_scale(volume)  # rule 2, per volume
-    except ValueError as exc:
-        raise UploadError(f"NIfTI volume: {exc}") from exc
-    # Rule 2 is voxel-wise: normalising one slice with the volume's scale equals slicing the
-    # normalised volume, without a second volume-sized copy.
-    one = preprocess.normalize_intensity(volume[:, :, index:index + 1], scale=scale)
-    image = preprocess.axial_slices(one)[0]  # rules 3 and 4
-    return QuerySlice(image=image, kind="nifti", slice=index, slice_count=depth)
+    return volume_slice(volume, slice_index, "nifti")
