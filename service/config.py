@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     max_volume_voxels: int = Field(512 * 512 * 512, gt=0,
                                    description="Largest NIfTI / multi-frame DICOM accepted "
                                                "(voxels, after decompression).")
+    max_zip_members: int = Field(4096, gt=0, description="Most files a .zip of a DICOM series "
+                                                         "may hold.")
+    max_zip_mb: float = Field(256.0, gt=0, description="Largest total size the files of a .zip "
+                                                       "of a DICOM series may inflate to (MB).")
     decode_memory_mb: float = Field(
         3072.0, gt=0, description="Memory all uploads being decoded at once may take together "
                                   "(MB); an upload waits for its share, and one needing more "
@@ -52,6 +56,10 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_zip_bytes(self) -> int:
+        return int(self.max_zip_mb * 1024 * 1024)
 
     @property
     def decode_memory_bytes(self) -> int:

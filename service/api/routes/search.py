@@ -45,8 +45,10 @@ router = APIRouter(tags=["search"])
 
 SPACE_HELP = ("normal: same anatomy, lesion or not; abnormal: similar lesion in any anatomy; "
               "concat: both")
-UPLOAD_HELP = ("PNG or JPEG slice (8/16-bit, grey or RGB), NIfTI volume (.nii, .nii.gz) or a "
-               "single DICOM file; the kind is read from the content")
+UPLOAD_HELP = ("PNG or JPEG slice (8/16-bit, grey or RGB), NIfTI volume (.nii, .nii.gz), a "
+               "single DICOM file, or a .zip of one DICOM series (the post-contrast T1 picked "
+               "when it holds several; on the model's 240x240x155 1 mm grid); the kind is read "
+               "from the content")
 
 SpaceQ = Annotated[Space, Query(description=SPACE_HELP, openapi_examples={
     "anatomy": {"summary": "same anatomy, lesion or not", "value": "normal"},
@@ -131,7 +133,9 @@ async def _read(upload: UploadFile) -> bytes:
 def _decode(request: Request, data: bytes, slice_index: int | None, settings: Settings,
             timings: Timings, field: str) -> QuerySlice:
     limits = Limits(max_image_pixels=settings.max_image_pixels,
-                    max_volume_voxels=settings.max_volume_voxels)
+                    max_volume_voxels=settings.max_volume_voxels,
+                    max_zip_members=settings.max_zip_members,
+                    max_zip_bytes=settings.max_zip_bytes)
     with timings.stage("decode"):
         try:
             return decode_query(data, slice_index, limits, request.app.state.decode_budget)
@@ -169,9 +173,10 @@ def _warnings(retrieval: Retrieval, space: str, hits: list[Hit],
              responses={400: {"description": "Empty file"},
                         401: {"description": "Missing or wrong API key"},
                         404: {"description": "exclude_patient names no indexed patient"},
-                        413: {"description": "Body, pixels, voxels or decoding memory over the "
-                                              "limits"},
-                        415: {"description": "Not a PNG, JPEG, NIfTI or DICOM file"},
+                        413: {"description": "Body, pixels, voxels, zip members or inflated size, "
+                                              "or decoding memory over the limits"},
+                        415: {"description": "Not a PNG, JPEG, NIfTI or DICOM file (or a zip of "
+                                              "DICOM files)"},
                         422: {"description": "Unreadable file, not a brain slice, slice out of "
                                               "range, bad query"},
                         503: {"description": "The decoding memory stayed full; retry"}})
@@ -219,9 +224,10 @@ async def search(
              responses={400: {"description": "Empty file"},
                         401: {"description": "Missing or wrong API key"},
                         404: {"description": "exclude_patient names no indexed patient"},
-                        413: {"description": "Body, pixels, voxels or decoding memory over the "
-                                              "limits"},
-                        415: {"description": "Not a PNG, JPEG, NIfTI or DICOM file"},
+                        413: {"description": "Body, pixels, voxels, zip members or inflated size, "
+                                              "or decoding memory over the limits"},
+                        415: {"description": "Not a PNG, JPEG, NIfTI or DICOM file (or a zip of "
+                                              "DICOM files)"},
                         422: {"description": "Unreadable file, not a brain slice, slice out of "
                                               "range, bad query"},
                         503: {"description": "The decoding memory stayed full; retry"}})
