@@ -53,6 +53,10 @@ class Patient(Base):
     source_path: Mapped[str] = mapped_column(String(4096))  # the t1ce file indexed
     cohort: Mapped[str] = mapped_column(String(255))  # cohort folder name (and HGG/LGG group)
     slice_count: Mapped[int] = mapped_column(Integer)
+    # A DICOM-sourced case's UIDs (external_id is then the StudyInstanceUID); None for NIfTI.
+    # Never a patient's name or id from the tags.
+    study_uid: Mapped[str | None] = mapped_column(String(64))
+    series_uid: Mapped[str | None] = mapped_column(String(64))
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
     slices: Mapped[list[Slice]] = relationship(back_populates="patient",

@@ -28,17 +28,19 @@ from indexer.catalog import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ALEMBIC = Path(sys.executable).parent / "alembic"
-HEAD = "0001"
+HEAD = "0002"
 
 COLUMNS = {
-    "patients": {"id", "external_id", "source_path", "cohort", "slice_count", "added_at"},
+    "patients": {"id", "external_id", "source_path", "cohort", "slice_count", "added_at",
+                 "study_uid", "series_uid"},
     "slices": {"id", "patient_id", "slice_index", "has_abnormality", "area_tc", "area_ed",
                "area_et", "brain_area", "normal_codes", "abnormal_codes"},
     "index_builds": {"id", "generation", "operation", "checkpoint_sha256", "preset",
                      "layout_version", "preprocessing_version", "patients", "slices",
                      "next_patient_id", "next_slice_id", "created_at", "status"},
 }
-NULLABLE = {"slices": {"has_abnormality", "area_tc", "area_ed", "area_et"}}
+NULLABLE = {"slices": {"has_abnormality", "area_tc", "area_ed", "area_et"},
+            "patients": {"study_uid", "series_uid"}}
 
 
 def _tables(url: str) -> set[str]:
@@ -161,11 +163,13 @@ def test_alembic_command_line_upgrade_and_downgrade(db_url):
     assert ALEMBIC.is_file(), ALEMBIC
     proc = _alembic("upgrade", "head", url=db_url)
     assert "Running upgrade  -> 0001" in proc.stderr, proc.stderr
+    assert "Running upgrade 0001 -> 0002" in proc.stderr, proc.stderr
     assert _tables(db_url) == set(COLUMNS) | {"alembic_version"}
     _check_schema(db_url)
     proc = _alembic("current", url=db_url)
-    assert "0001 (head)" in proc.stdout, proc.stdout
+    assert f"{HEAD} (head)" in proc.stdout, proc.stdout
     proc = _alembic("downgrade", "base", url=db_url)
+    assert "Running downgrade 0002 -> 0001" in proc.stderr, proc.stderr
     assert "Running downgrade 0001 -> " in proc.stderr, proc.stderr
     assert _tables(db_url) <= {"alembic_version"}
 
@@ -188,3 +192,34 @@ def test_alembic_history_has_a_downgrade_for_every_revision():
     assert [r.revision for r in revisions][0] == HEAD == scripts.get_current_head()
     for rev in revisions:
         assert callable(getattr(rev.module, "downgrade", None)), rev.revision
+
+
+def test_0002_adds_the_dicom_uids_and_keeps_the_rows(db_url):
+    """A catalogue written at 0001 upgrades in place: its patients stay, with null UIDs; a
+    DICOM-sourced patient's UIDs round-trip; the downgrade drops only the two columns."""
+    upgrade(db_url, "0001")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO patients (id, external_id, source_path, cohort, "
+                              "slice_count, added_at) VALUES (1, 'P1', '/x', 'c', 3, "
+                              "'2026-01-01 00:00:00')"))
+        upgrade(db_url)
+        study, series = "1.2.826.0.1.3680043.8.498." + "1" * 38, "1.2.3.4"
+        with Session(engine) as session:
+            old = session.get(Patient, 1)
+            assert (old.external_id, old.study_uid, old.series_uid) == ("P1", None, None)
+            session.add(Patient(id=2, external_id=study, source_path="dicomweb:x",
+                                cohort="dicomweb", slice_count=1, study_uid=study,
+                                series_uid=series))
+            session.commit()
+        with Session(engine) as session:
+            assert session.get(Patient, 2).study_uid == study and len(study) == 64
+        engine.dispose()
+        downgrade(db_url, "0001")
+        cols = {c["name"] for c in inspect(engine).get_columns("patients")}
+        assert cols == COLUMNS["patients"] - {"study_uid", "series_uid"}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM patients")).scalar() == 2
+    finally:
+        engine.dispose()
