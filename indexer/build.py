@@ -14,7 +14,9 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,8 @@ from indexer.catalog import (
 )
 from indexer.layout import LAYOUT_VERSION, SPACES
 from indexer.reference import Reference
+from ingest.cases import NotInModelSpace, Origin, stage_case, to_model_space
+from ingest.dicom import DicomVolume
 from ingest.layouts import Case, find_cases_in
 from ingest.volumes import load_case
 from model.checkpoint import load_model
@@ -264,9 +268,12 @@ class Indexer:
                                 kind=kind, **kw)
 
     def add(self, data: list[Path], checkpoint: Path | None = None, replace: bool = False,
-            kind: str | None = None, **kw) -> IndexReport:
+            kind: str | None = None, origins: dict[str, Origin] | None = None,
+            **kw) -> IndexReport:
         """Add patients to the index, of the kind its manifest records; ``kind``, when given,
-        must be that one."""
+        must be that one. ``origins`` (patient id -> ``ingest.cases.Origin``) says where a
+        staged case really came from (a DICOM folder, a PACS), for the catalogue to keep in
+        place of the staged file's path."""
         manifest = self._manifest(create=False, checkpoint=None)  # before creating anything
         recorded = store.manifest_kind(manifest)
         if kind is not None and kind != recorded:
@@ -277,7 +284,8 @@ class Indexer:
         model, ckpt = self._load_model(Path(checkpoint or manifest["checkpoint"]))
         with store.writer_lock(self.index_dir):
             return self._change(model, ckpt, cases, skipped, replace=replace,
-                                operation="replace" if replace else "add", kind=recorded, **kw)
+                                operation="replace" if replace else "add", kind=recorded,
+                                origins=origins or {}, **kw)
 
     def remove(self, pids: list[str]) -> IndexReport:
         kind = store.manifest_kind(self._manifest(create=False, checkpoint=None))
@@ -340,7 +348,9 @@ class Indexer:
 
     def _change(self, model, ckpt: dict, cases: list[Case], skipped: list[tuple[str, str]],
                 replace: bool, operation: str, kind: str, batch_size: int = 32,
-                workers: int = 2, progress: bool = True) -> IndexReport:
+                workers: int = 2, progress: bool = True,
+                origins: dict[str, Origin] | None = None) -> IndexReport:
+        origins = origins or {}
         engine = self._engine()
         with Session(engine) as session:
             current = active_build(session)
@@ -380,9 +390,13 @@ class Indexer:
                 ids = np.array([r.id for r in rows], dtype=np.int64)
                 store.add_slices(indices, books, item.normal_idx, item.abnormal_idx, ids)
                 store.write_thumbnails(self.index_dir, pid, item.thumbnails)
+                origin = origins.get(item.case.pid)
                 new_patients.append(Patient(
-                    id=pid, external_id=item.case.pid, source_path=str(item.case.t1ce),
-                    cohort=item.case.cohort,
+                    id=pid, external_id=item.case.pid,
+                    source_path=origin.source if origin else str(item.case.t1ce),
+                    cohort=origin.cohort if origin else item.case.cohort,
+                    study_uid=origin.study_uid if origin else None,
+                    series_uid=origin.series_uid if origin else None,
                     slice_count=len(rows)))
                 new_rows += rows
                 report.patients_added.append(item.case.pid)
@@ -470,3 +484,41 @@ class Indexer:
                                              * report.bytes_per_slice[space])
         report.index_bytes = total
         return report
+
+
+def add_dicom(indexer: Indexer, series: Iterable[DicomVolume | tuple[str, str]], cohort: str,
+              checkpoint: Path | None = None, replace: bool = False,
+              **kw) -> IndexReport:
+    """Add DICOM-sourced cases through the same path as NIfTI cohorts: each series is brought to
+    the model's space (``ingest.cases.to_model_space``), staged as a one-patient cohort keyed by
+    its StudyInstanceUID, and added with ``Indexer.add``. ``series`` yields volumes, or
+    ``(where, problem)`` for a source that gave none (reported as skipped)."""
+    skipped: list[tuple[str, str]] = []
+    origins: dict[str, Origin] = {}
+    with tempfile.TemporaryDirectory(prefix="cbir-dicom-") as tmp:
+        for item in series:
+            if isinstance(item, tuple):
+                skipped.append(item)
+                continue
+            where = str(item.volume.path)
+            if item.study_uid in origins:
+                skipped.append((where, f"study {item.study_uid} already gave series "
+                                       f"{origins[item.study_uid].series_uid}: one per study"))
+                continue
+            try:
+                volume = to_model_space(item.volume)
+            except NotInModelSpace as exc:
+                skipped.append((where, str(exc)))
+                continue
+            stage_case(Path(tmp), item.study_uid, volume)
+            origins[item.study_uid] = Origin(source=where, cohort=cohort,
+                                             study_uid=item.study_uid,
+                                             series_uid=item.series_uid)
+            log.info("staged series %s of study %s", item.series_uid, item.study_uid)
+        if not origins:
+            reasons = "; ".join(f"{w}: {p}" for w, p in skipped) or "nothing found"
+            raise store.IndexStoreError(f"no DICOM series to add ({reasons})")
+        report = indexer.add([Path(tmp)], checkpoint, replace=replace, origins=origins, **kw)
+    report.skipped = skipped + [(origins[Path(p).name].source if Path(p).name in origins
+                                 else p, why) for p, why in report.skipped]
+    return report

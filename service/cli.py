@@ -271,23 +271,79 @@ def index_build(data: DataOpt, out: Annotated[Path, typer.Option(help="Index dir
 
 
 @index_app.command("add")
-def index_add(index: IndexOpt, data: DataOpt, checkpoint: CheckpointOpt = None,
-              db: DbOpt = None,
+def index_add(index: IndexOpt,
+              data: Annotated[list[Path] | None, typer.Option(
+                  "--data", help="Cohort folder (repeatable).")] = None,
+              dicom: Annotated[list[Path] | None, typer.Option(
+                  "--dicom", help="Folder of DICOM files of one study (repeatable); its "
+                                  "post-contrast T1 series is indexed (README: DICOM and "
+                                  "PACS), keyed by its StudyInstanceUID.")] = None,
+              dicomweb: Annotated[str | None, typer.Option(
+                  "--dicomweb", help="DICOMweb root of a PACS, e.g. "
+                                     "http://127.0.0.1:8042/dicom-web; every study there, or "
+                                     "those of --study.")] = None,
+              study: Annotated[list[str] | None, typer.Option(
+                  "--study", help="StudyInstanceUID to pull (repeatable; with --dicomweb).")
+              ] = None,
+              series: Annotated[str | None, typer.Option(
+                  "--series", help="SeriesInstanceUID to index instead of the one the "
+                                   "T1-Gd rule picks (with --dicom or --dicomweb).")] = None,
+              checkpoint: CheckpointOpt = None, db: DbOpt = None,
               replace: Annotated[bool, typer.Option(help="Re-encode patients already in.")] = False,
               batch_size: Annotated[int, typer.Option(help="Slices per encode batch.")] = 32,
               workers: Annotated[int, typer.Option(help="NIfTI reader processes.")] = 2,
               kind: Annotated[str | None, typer.Option(
                   help="The index's kind (default: the one index.json records; another is "
                        "refused).")] = None) -> None:
-    """Add patients without re-encoding those already indexed."""
-    from indexer.build import Indexer
+    """Add patients without re-encoding those already indexed: from cohort folders, DICOM
+    folders or a PACS over DICOMweb (one source per call)."""
+    from indexer.build import Indexer, add_dicom
 
+    sources = [name for name, given in (("--data", data), ("--dicom", dicom),
+                                        ("--dicomweb", dicomweb)) if given]
+    if len(sources) != 1:
+        _fail("give one source: --data, --dicom or --dicomweb" if not sources else
+              f"give one source per call, not {' and '.join(sources)}")
+    if study and not dicomweb:
+        _fail("--study goes with --dicomweb")
+    if series and data:
+        _fail("--series goes with --dicom or --dicomweb")
+    indexer = Indexer(index, db)
+    options = {"replace": replace, "batch_size": batch_size, "workers": workers}
     try:
-        report = Indexer(index, db).add(data, checkpoint, replace=replace, kind=kind,
-                                        batch_size=batch_size, workers=workers)
+        if data:
+            report = indexer.add(data, checkpoint, kind=kind, **options)
+        else:
+            report = add_dicom(indexer, _dicom_series(dicom, dicomweb, study, series),
+                               "dicomweb" if dicomweb else "dicom", checkpoint, **options)
     except _index_errors() as exc:
         _fail(str(exc))
     _print_report(report)
+
+
+def _dicom_series(folders: list[Path] | None, url: str | None, studies: list[str] | None,
+                  series: str | None):
+    """Volumes (or ``(where, problem)``) from DICOM folders or a DICOMweb server, one at a
+    time."""
+    import requests
+
+    from ingest import dicom
+    from ingest.pacs import DicomWebSource
+
+    if url:
+        try:
+            source = DicomWebSource(url)
+            yield from source.pull(studies, series)
+        except requests.RequestException as exc:
+            _fail(f"cannot reach the DICOMweb server at {url}: {exc}")
+        except dicom.DicomError as exc:
+            _fail(str(exc))
+        return
+    for folder in folders or []:
+        try:
+            yield dicom.read_folder(folder, series)
+        except dicom.DicomError as exc:
+            yield str(folder), str(exc)
 
 
 @index_app.command("remove")

@@ -6,6 +6,7 @@ import os
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from model.data.synth.cohort import synthesize
@@ -54,6 +55,54 @@ def tiny_checkpoint(synth_cohort, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     save_checkpoint(path, net.eval(), "tiny")
     return path
+
+
+@pytest.fixture(scope="session")
+def phantom_checkpoint(tmp_path_factory) -> Path:
+    """A `tiny` checkpoint, untrained, with BatchNorm statistics and both codebooks taken from
+    phantom slices (as ``tiny_checkpoint`` does from a cohort) so that slices get varied codes."""
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import preset
+    from model.data import preprocess
+    from model.network import DecompositionNet
+
+    torch.manual_seed(0)
+    net = DecompositionNet(preset("tiny"))
+    from tests.ingest.series import phantom
+
+    stacks = [preprocess.axial_slices(preprocess.normalize_intensity(phantom(seed)))[62:94:4]
+              for seed in (0, 1)]
+    images = torch.from_numpy(np.concatenate(stacks)[:, None].copy())
+    with torch.no_grad():
+        net.encoder(images)  # BatchNorm statistics of the encoder, the part codes come from
+        net.eval()
+        normal, abnormal = net.encoder(images)  # (S, 64, 8, 8) each
+        for quantizer, z in ((net.normal_quantizer, normal), (net.abnormal_quantizer, abnormal)):
+            flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            pick = torch.randperm(flat.shape[0])[: quantizer.codebook_size]
+            quantizer.codebook.copy_(flat[pick])
+            quantizer.codebook_sum.copy_(flat[pick] * quantizer.cluster_size[:, None])
+    path = tmp_path_factory.mktemp("ckpt") / "phantom-tiny.pt"
+    save_checkpoint(path, net.eval(), "tiny")
+    return path
+
+
+@pytest.fixture(scope="session")
+def phantom_index(phantom_checkpoint, tmp_path_factory) -> Path:
+    """An index holding one NIfTI patient, ``PHANTOM0`` (phantom seed 0); copy it before
+    adding to it."""
+    from indexer.build import Indexer
+    from ingest.cases import stage_case
+    from model.data.nifti import Volume
+    from tests.ingest.series import MODEL_AFFINE, phantom
+
+    cohort = tmp_path_factory.mktemp("phantom-cohort")
+    stage_case(cohort, "PHANTOM0", Volume(phantom(0), MODEL_AFFINE, Path("phantom")))
+    out = tmp_path_factory.mktemp("phantom-index") / "index"
+    Indexer(out).build([cohort], checkpoint=phantom_checkpoint, progress=False, workers=0)
+    return out
 
 
 def _postgres_available() -> bool:
