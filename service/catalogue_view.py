@@ -62,6 +62,8 @@ class PatientRecord:
     slice_count: int
     added_at: datetime
     has_labels: bool
+    study_uid: str | None = None  # DICOM-sourced patients: what a viewer opens
+    series_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,5 +118,6 @@ def _view(build: IndexBuild, arrays: dict[str, np.ndarray], patients) -> Catalog
         build=build, **arrays,
         patients={p.id: PatientRecord(id=p.id, external_id=p.external_id, cohort=p.cohort,
                                       slice_count=p.slice_count, added_at=p.added_at,
-                                      has_labels=bool(labelled))
+                                      has_labels=bool(labelled), study_uid=p.study_uid,
+                                      series_uid=p.series_uid)
                   for p, labelled in patients})

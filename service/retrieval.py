@@ -102,6 +102,8 @@ class Hit:
     has_labels: bool
     position_distances: np.ndarray  # (8, 8)
     match_percentile: float | None = None  # see service/reference.py
+    study_uid: str | None = None  # a DICOM-sourced patient's StudyInstanceUID
+    series_uid: str | None = None  # and the SeriesInstanceUID indexed
 
 
 def png_bytes(rgb_or_grey: np.ndarray) -> bytes:
@@ -151,6 +153,9 @@ class Retrieval:
         # internal id -> (external id, has labels)
         self.patients = {pid: (p.external_id, p.has_labels) for pid, p in view.patients.items()}
         self.patient_by_external = {ext: pid for pid, (ext, _) in self.patients.items()}
+        # internal id -> (StudyInstanceUID, SeriesInstanceUID), DICOM-sourced patients only
+        self.patient_uids = {pid: (p.study_uid, p.series_uid) for pid, p in view.patients.items()
+                             if p.study_uid or p.series_uid}
         self._inference = source.inference
         # (K, K) squared distances between codebook rows, 2 MiB each: the balanced compose
         self.code_tables = codebook_tables(self.codebooks)
@@ -342,7 +347,9 @@ class Retrieval:
                                       stored[1][None].astype(np.int64), spaces=(space,))[space]
                 ext, has_labels = self.patients[int(self.slice_patient[row])]
                 flag = int(self.slice_abnormal[row])
+                study, series = self.patient_uids.get(int(self.slice_patient[row]), (None, None))
                 hits.append(Hit(rank=rank, slice_id=int(sid), patient_id=ext,
+                                study_uid=study, series_uid=series,
                                 slice_index=int(self.slice_index[row]),
                                 distance=float(dist), has_abnormality=None if flag < 0 else
                                 bool(flag), has_labels=has_labels,
@@ -442,8 +449,10 @@ class Retrieval:
                 match = None if self.reference is None else min(
                     self.reference.match_percentile("normal", halves["normal"][i], lesion),
                     self.reference.match_percentile("abnormal", halves["abnormal"][i], lesion))
+                study, series = self.patient_uids.get(int(self.slice_patient[row]), (None, None))
                 hits.append(Hit(
                     rank=rank, slice_id=int(self.slice_ids[row]), patient_id=ext,
+                    study_uid=study, series_uid=series,
                     slice_index=int(self.slice_index[row]), distance=float(total[i]),
                     has_abnormality=None if flag < 0 else bool(flag), has_labels=has_labels,
                     position_distances=(

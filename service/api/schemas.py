@@ -57,6 +57,12 @@ class Neighbor(BaseModel):
     position_distances: list[list[float]] = Field(
         description="8 x 8: each code position's share of `distance` (they sum to it); row 0 is "
                     "the top of the image.")
+    study_uid: str | None = Field(
+        None, description="StudyInstanceUID of a patient indexed from DICOM (a folder or a PACS "
+                          "over DICOMweb), to open the study in a viewer; null for NIfTI "
+                          "cohorts. No patient name or id from DICOM tags is kept.")
+    series_uid: str | None = Field(
+        None, description="SeriesInstanceUID of the series indexed; null for NIfTI cohorts.")
 
 
 class QueryInfo(BaseModel):

@@ -99,6 +99,15 @@ export class NeighborGrid {
     $('.patient', card).textContent = n.patient_id;
     $('.patient', card).title = n.patient_id;
     $('.slice', card).textContent = String(n.slice_index);
+    // A DICOM-sourced hit: the UIDs a reader pastes into their viewer to open the study.
+    if (n.study_uid || n.series_uid) {
+      $('.meta-dicom', card).hidden = false;
+      for (const [cls, uid, what] of [['.study-uid', n.study_uid, 'StudyInstanceUID'],
+        ['.series-uid', n.series_uid, 'SeriesInstanceUID']]) {
+        $(cls, card).textContent = uid || '';
+        $(cls, card).title = `${what} ${uid || ''}`;
+      }
+    }
     const [badgeText, badgeClass] = badgeFor(n.has_abnormality);
     const badge = $('.badge', card);
     badge.textContent = badgeText;

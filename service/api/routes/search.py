@@ -100,7 +100,8 @@ def _neighbors(hits: list[Hit]) -> list[Neighbor]:
                      has_abnormality=h.has_abnormality,
                      image_url=f"/slices/{h.slice_id}/image.png",
                      overlay_url=f"/slices/{h.slice_id}/overlay.png" if h.has_labels else None,
-                     position_distances=h.position_distances.astype(float).round(6).tolist())
+                     position_distances=h.position_distances.astype(float).round(6).tolist(),
+                     study_uid=h.study_uid, series_uid=h.series_uid)
             for h in hits]
 
 
