@@ -500,7 +500,7 @@ def add_dicom(indexer: Indexer, series: Iterable[DicomVolume | tuple[str, str]],
             if isinstance(item, tuple):
                 skipped.append(item)
                 continue
-            where = str(item.volume.path)
+            where = item.source or str(item.volume.path)
             if item.study_uid in origins:
                 skipped.append((where, f"study {item.study_uid} already gave series "
                                        f"{origins[item.study_uid].series_uid}: one per study"))

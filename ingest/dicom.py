@@ -115,6 +115,7 @@ class DicomVolume:
     study_uid: str
     series_uid: str
     description: str
+    source: str = ""  # where it was read: a folder, or a DICOMweb series URL
 
 
 @dataclass(frozen=True)
@@ -374,7 +375,7 @@ def read_series(datasets: Iterable, series_uid: str | None = None, source: str =
     info = pick_series([describe(g) for g in groups.values()], series_uid)
     volume = series_volume(groups[info.series_uid], source, max_voxels)
     return DicomVolume(volume=volume, study_uid=info.study_uid, series_uid=info.series_uid,
-                       description=info.description)
+                       description=info.description, source=source)
 
 
 def parse(data: bytes):
@@ -415,4 +416,4 @@ def read_folder(folder: Path | str, series_uid: str | None = None) -> DicomVolum
     datasets = [pydicom.dcmread(p) for p in paths[info.series_uid]]
     volume = series_volume(datasets, str(folder))
     return DicomVolume(volume=volume, study_uid=info.study_uid, series_uid=info.series_uid,
-                       description=info.description)
+                       description=info.description, source=str(folder))

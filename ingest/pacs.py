@@ -86,9 +86,10 @@ class DicomWebSource:
         datasets = self.client.retrieve_series(study_uid, series_uid)
         log.info("fetched %d instance(s) of series %s", len(datasets), series_uid)
         info = dicom.describe(datasets)
-        volume = dicom.series_volume(datasets, self.series_path(study_uid, series_uid))
+        where = self.series_path(study_uid, series_uid)
+        volume = dicom.series_volume(datasets, where)
         return dicom.DicomVolume(volume=volume, study_uid=study_uid, series_uid=series_uid,
-                                 description=info.description)
+                                 description=info.description, source=where)
 
     def pull(self, study_uids: list[str] | None = None,
              series_uid: str | None = None) -> Iterator[dicom.DicomVolume | tuple[str, str]]:
