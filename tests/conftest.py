@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,56 @@ def phantom_index(phantom_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom-index") / "index"
     Indexer(out).build([cohort], checkpoint=phantom_checkpoint, progress=False, workers=0)
     return out
+
+
+@dataclass(frozen=True)
+class DicomIndex:
+    """``phantom_index`` plus one study added with `cbir index add --dicom`, and what the
+    command printed and logged."""
+
+    index: Path
+    study_uid: str
+    series_uid: str
+    volume: np.ndarray  # the study's T1-Gd voxels as written (L-P-S order, MODEL_AFFINE)
+    datasets: list  # its T1-Gd DICOM datasets (with a patient name and id in each)
+    output: str
+    log: str
+
+
+@pytest.fixture(scope="session")
+def dicom_index(phantom_index, tmp_path_factory) -> DicomIndex:
+    import io
+    import logging
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from service.cli import app
+    from tests.ingest.series import MODEL_AFFINE, phantom, series_datasets, write_folder
+
+    tmp = tmp_path_factory.mktemp("dicom-index")
+    index = shutil.copytree(phantom_index, tmp / "index")
+    volume = phantom(1)
+    study = "1.2.826.0.1.3680043.8.498.77"
+    t1gd = series_datasets(volume, MODEL_AFFINE, study_uid=study, description="T1 AX POST")
+    flair = series_datasets(volume[:, :, :3], MODEL_AFFINE, study_uid=study,
+                            description="FLAIR AX", agent="GADOBUTROL")
+    folder = write_folder(t1gd + flair, tmp / "study")
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        result = CliRunner().invoke(app, ["-v", "index", "add", "--index", str(index),
+                                          "--dicom", str(folder), "--workers", "0"])
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert result.exit_code == 0, result.output
+    return DicomIndex(index, study, str(t1gd[0].SeriesInstanceUID), volume, t1gd,
+                      result.output, captured.getvalue())
 
 
 def _postgres_available() -> bool:

@@ -3,9 +3,7 @@ StudyInstanceUID, its UIDs in the catalogue, no patient name or id anywhere."""
 
 from __future__ import annotations
 
-import logging
-import shutil
-
+import nibabel as nib
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -13,52 +11,49 @@ from typer.testing import CliRunner
 
 from indexer.catalog import Patient, open_catalog
 from indexer.store import default_db_url
-from ingest import dicom
+from model.data import preprocess
 from service.cli import app
 from service.retrieval import Retrieval, Timings
-from tests.ingest.series import (
-    MODEL_AFFINE,
-    PATIENT_ID,
-    PATIENT_NAME,
-    phantom,
-    series_datasets,
-    write_folder,
-)
+from tests.ingest.series import MODEL_AFFINE, PATIENT_ID, PATIENT_NAME
 
 
-def test_index_add_dicom_folder(phantom_index, tmp_path, caplog):
-    index = shutil.copytree(phantom_index, tmp_path / "index")
-    volume = phantom(1)
-    study = "1.2.826.0.1.3680043.8.498.77"
-    t1gd = series_datasets(volume, MODEL_AFFINE, study_uid=study, description="T1 AX POST")
-    flair = series_datasets(volume[:, :, :3], MODEL_AFFINE, study_uid=study,
-                            description="FLAIR AX", agent="GADOBUTROL")
-    folder = write_folder(t1gd + flair, tmp_path / "study")
-    caplog.set_level(logging.DEBUG)
-    result = CliRunner().invoke(app, ["-v", "index", "add", "--index", str(index), "--dicom",
-                                      str(folder), "--workers", "0"])
-    assert result.exit_code == 0, result.output
-    assert "1 patients / " in result.output and "index now 2 patients" in result.output
-    engine = open_catalog(default_db_url(index))
+def test_index_add_dicom_folder(dicom_index):
+    assert "1 patients / " in dicom_index.output
+    assert "index now 2 patients" in dicom_index.output
+    assert "picked series" in dicom_index.log  # the T1-Gd rule chose between two series
+    engine = open_catalog(default_db_url(dicom_index.index))
     with Session(engine) as session:
-        row = session.scalars(select(Patient).where(Patient.external_id == study)).one()
+        row = session.scalars(select(Patient).where(
+            Patient.external_id == dicom_index.study_uid)).one()
         assert (row.study_uid, row.series_uid, row.cohort) == (
-            study, t1gd[0].SeriesInstanceUID, "dicom")
+            dicom_index.study_uid, dicom_index.series_uid, "dicom")
     engine.dispose()
-    stored = b"".join(p.read_bytes() for p in index.rglob("*") if p.is_file())
-    for secret in (PATIENT_NAME, PATIENT_ID, PATIENT_NAME.split("^")[0]):
+    stored = b"".join(p.read_bytes() for p in dicom_index.index.rglob("*") if p.is_file())
+    for secret in (PATIENT_NAME, PATIENT_ID, *PATIENT_NAME.split("^")):
         assert secret.encode() not in stored
-        assert secret not in caplog.text and secret not in result.output
+        assert secret not in dicom_index.log and secret not in dicom_index.output
     # The study's own slice finds it at distance 0.
-    retrieval = Retrieval.open(index)
+    ras = np.asanyarray(nib.as_closest_canonical(
+        nib.Nifti1Image(dicom_index.volume, MODEL_AFFINE)).dataobj)
+    image = preprocess.axial_slices(preprocess.normalize_intensity(ras))[77]
+    retrieval = Retrieval.open(dicom_index.index)
     try:
-        from model.data import preprocess
-
-        ras = dicom.read_folder(folder).volume.array  # the phantom is stored L-P-S
-        image = preprocess.axial_slices(preprocess.normalize_intensity(ras))[77]
-        drawn = retrieval.draw(image, Timings())
-        hits = retrieval.search("concat", drawn.codes, 1, Timings())
-        assert hits[0].patient_id == study and hits[0].distance == 0
-        assert np.isfinite(hits[0].distance)
+        hits = retrieval.search("concat", retrieval.draw(image, Timings()).codes, 1, Timings())
+        assert hits[0].patient_id == dicom_index.study_uid and hits[0].distance == 0
+        assert (hits[0].study_uid, hits[0].series_uid) == (dicom_index.study_uid,
+                                                           dicom_index.series_uid)
     finally:
         retrieval.close()
+
+
+def test_index_add_refuses_mixed_or_missing_sources(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["index", "add", "--index", str(tmp_path)])
+    assert result.exit_code == 2 and "give one source: --data, --dicom or --dicomweb" in \
+        result.output
+    result = runner.invoke(app, ["index", "add", "--index", str(tmp_path), "--data", "x",
+                                 "--dicom", "y"])
+    assert result.exit_code == 2 and "not --data and --dicom" in result.output
+    result = runner.invoke(app, ["index", "add", "--index", str(tmp_path), "--dicom", "y",
+                                 "--study", "1.2"])
+    assert result.exit_code == 2 and "--study goes with --dicomweb" in result.output
