@@ -26,8 +26,8 @@ def phantom(seed: int = 0, shape=(240, 240, 155)) -> np.ndarray:
     rng = np.random.default_rng(seed)
     axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
     grids = [a.reshape([-1 if d == i else 1 for d in range(3)]) for i, a in enumerate(axes)]
-    # A flat head: few brain slices (about 50 of 155) keep indexing it fast.
-    radii = rng.uniform(0.7, 0.9, 3) * [1, 1, 0.4]
+    # A flat head: few brain slices (about 30 of 155) keep indexing it fast.
+    radii = rng.uniform(0.7, 0.9, 3) * [1, 1, 0.25]
     inside = sum((g / np.float32(r)) ** 2 for g, r in zip(grids, radii, strict=True)) < 1
     coarse = rng.integers(300, 1000, (6, 6, 5)).astype(np.uint16)
     cells = [np.minimum(np.arange(n) * 6 // n if i < 2 else np.arange(n) * 5 // n, 5)

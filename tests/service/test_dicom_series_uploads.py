@@ -17,7 +17,7 @@ from service.uploads import Limits, UploadError, decode_query
 from tests.ingest.series import MODEL_AFFINE, phantom, series_datasets, write_folder, zip_of
 from tests.service.conftest import nifti_bytes
 
-SLICES = (60, 95)
+SLICES = (68, 88)
 
 
 @pytest.fixture(scope="module")
