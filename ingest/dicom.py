@@ -272,7 +272,7 @@ def _check_tilt(datasets: list) -> None:
                              f"not supported: reconstruct the series without tilt")
 
 
-def series_geometry(planes: list[_Plane]) -> tuple[list[_Plane], np.ndarray]:
+def _geometry(planes: list[_Plane]) -> tuple[list[_Plane], np.ndarray]:
     """The planes sorted along the slice normal, and the LPS affine of the (col, row, slice)
     voxel grid they span. Raises ``DicomError`` (``GantryTilt``, ``MissingSlices``)."""
     if len(planes) < 2:
@@ -355,7 +355,7 @@ def series_volume(datasets: list, source: str = "", max_voxels: int | None = Non
     ``max_voxels`` refuses (``DicomError``) before any pixel is decoded."""
     _check_tilt(datasets)
     planes = [p for ds in datasets for p in _planes(ds)]
-    planes, affine_lps = series_geometry(planes)
+    planes, affine_lps = _geometry(planes)
     rows, cols = int(planes[0].dataset.Rows), int(planes[0].dataset.Columns)
     if max_voxels is not None and rows * cols * len(planes) > max_voxels:
         raise SeriesTooLarge(f"the series is {len(planes)} x {rows} x {cols} voxels, more than "

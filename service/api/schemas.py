@@ -165,6 +165,10 @@ class PatientInfo(BaseModel):
     slice_count: int
     added_at: datetime
     has_labels: bool
+    study_uid: str | None = Field(None, description="StudyInstanceUID of a patient indexed from "
+                                                    "DICOM (then also its patient_id); null for "
+                                                    "NIfTI cohorts.")
+    series_uid: str | None = Field(None, description="SeriesInstanceUID of the series indexed.")
     slices: list[PatientSlice]
 
 

@@ -44,3 +44,6 @@ def test_a_dicom_hit_shows_its_study_and_series_uids(page, dicom_server,  # noqa
     expect(first.locator(".series-uid")).to_have_text(dicom_index.series_uid)
     assert second.locator(".patient").inner_text() == "PHANTOM0"
     expect(second.locator(".meta-dicom")).to_be_hidden()
+    patient = page.request.get(f"{dicom_server}/patients/{dicom_index.study_uid}").json()
+    assert (patient["study_uid"], patient["series_uid"]) == (dicom_index.study_uid,
+                                                             dicom_index.series_uid)

@@ -101,6 +101,7 @@ async def get_patient(
             patient_id=patient.external_id, cohort=patient.cohort,
             slice_count=patient.slice_count, added_at=patient.added_at,
             has_labels=any(flag is not None for _, _, flag in slices),
+            study_uid=patient.study_uid, series_uid=patient.series_uid,
             slices=[PatientSlice(slice_id=i, slice_index=k, has_abnormality=f)
                     for i, k, f in slices])
 
