@@ -327,25 +327,29 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def _pixels(planes: list[_Plane]) -> np.ndarray:
-    """(n, rows, cols) float32, modality LUT (slope, intercept) applied."""
-    cache: dict[int, np.ndarray] = {}
+    """(cols i, rows j, slices k) float32, modality LUT (slope, intercept) applied: the voxel
+    order of the affine ``_geometry`` gives, filled plane by plane."""
+    frames: tuple[int, np.ndarray] | None = None  # (id of the multi-frame dataset, its frames)
     out = None
     for k, p in enumerate(planes):
-        key = id(p.dataset)
-        if key not in cache:
-            try:
-                cache[key] = p.dataset.pixel_array
-            except Exception as exc:  # pydicom raises many types for undecodable data
-                raise DicomError(f"cannot decode the pixel data ({type(exc).__name__}); "
-                                 f"uncompressed transfer syntaxes are supported") from exc
-        arr = cache[key] if p.frame is None else cache[key][p.frame]
+        try:
+            if p.frame is None:
+                arr = p.dataset.pixel_array
+            else:
+                if frames is None or frames[0] != id(p.dataset):
+                    frames = (id(p.dataset), p.dataset.pixel_array)
+                arr = frames[1][p.frame]
+        except Exception as exc:  # pydicom raises many types for undecodable data
+            raise DicomError(f"cannot decode the pixel data ({type(exc).__name__}); "
+                             f"uncompressed transfer syntaxes are supported") from exc
         if arr.ndim != 2:
             raise DicomError(f"an image plane of shape {arr.shape}: grey images only")
         if out is None:
-            out = np.empty((len(planes), *arr.shape), dtype=np.float32)
-        elif arr.shape != out.shape[1:]:
-            raise DicomError(f"images of {out.shape[1:]} and {arr.shape} pixels in one series")
-        out[k] = arr * np.float32(p.slope) + np.float32(p.intercept)
+            out = np.empty((arr.shape[1], arr.shape[0], len(planes)), dtype=np.float32)
+        elif arr.shape != out.shape[1::-1]:
+            raise DicomError(f"images of {out.shape[1::-1]} and {arr.shape} pixels in one "
+                             f"series")
+        out[:, :, k] = arr.T * np.float32(p.slope) + np.float32(p.intercept)
     return out
 
 
@@ -360,9 +364,7 @@ def series_volume(datasets: list, source: str = "", max_voxels: int | None = Non
     if max_voxels is not None and rows * cols * len(planes) > max_voxels:
         raise SeriesTooLarge(f"the series is {len(planes)} x {rows} x {cols} voxels, more than "
                          f"the {max_voxels} allowed")
-    stack = _pixels(planes)  # (slice, row j, col i)
-    array = np.ascontiguousarray(np.transpose(stack, (2, 1, 0)))  # (i, j, k)
-    img = reorient_to_ras(nib.Nifti1Image(array, LPS_TO_RAS @ affine_lps))
+    img = reorient_to_ras(nib.Nifti1Image(_pixels(planes), LPS_TO_RAS @ affine_lps))
     return Volume(array=np.ascontiguousarray(np.asanyarray(img.dataobj, dtype=np.float32)),
                   affine=img.affine.copy(), path=Path(source))
 

@@ -35,9 +35,10 @@ from service.uploads.base import (
     volume_slice,
 )
 
-# Working memory per inflated byte, estimated from the code below: the inflated members, the
-# datasets parsed from them, the float32 volume (2 x its 16-bit pixels) and its reoriented copy.
-BYTES_PER_INFLATED_BYTE = 6
+# Working memory per inflated byte, measured on the code below (tracemalloc peak over the
+# inflated size, 7.2 for a 240 x 240 x 155 series of 16-bit slices), rounded up: the datasets,
+# their decoded pixels, the float32 volume (2 x its 16-bit pixels) and its reoriented copy.
+BYTES_PER_INFLATED_BYTE = 8
 
 
 def _unsafe_name(name: str) -> str | None:
@@ -69,8 +70,9 @@ def _members(archive: zipfile.ZipFile, limits: Limits) -> list[zipfile.ZipInfo]:
     return files
 
 
-def _inflate(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo],
-             limits: Limits) -> list[bytes]:
+def _datasets(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits: Limits) -> list:
+    """The DICOM datasets of the members, inflated and parsed one at a time (a member's bytes
+    are let go once parsed); members that are not DICOM are passed over."""
     out, total = [], 0
     for info in files:
         try:
@@ -83,7 +85,8 @@ def _inflate(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo],
         if len(data) > info.file_size or total > limits.max_zip_bytes:
             raise UploadTooLarge(f"the zip member {info.filename!r} inflates past the size its "
                                  f"archive declares (a zip bomb?); refused")
-        out.append(data)
+        if (ds := dicom.parse(data)) is not None:
+            out.append(ds)
     return out
 
 
@@ -97,8 +100,7 @@ def series_slice(data: bytes, slice_index: int | None, limits: Limits,
         files = _members(archive, limits)
         declared = sum(info.file_size for info in files)
         with reserve(budget, BYTES_PER_INFLATED_BYTE * declared, "the zip of a DICOM series"):
-            datasets = [ds for raw in _inflate(archive, files, limits)
-                        if (ds := dicom.parse(raw)) is not None]
+            datasets = _datasets(archive, files, limits)
             if not datasets:
                 raise UnsupportedUpload("the zip holds no DICOM file: send a .zip of one "
                                         "DICOM series (or a NIfTI volume, PNG or JPEG)")
