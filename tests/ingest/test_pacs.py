@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from fastapi.testclient import TestClient
@@ -24,7 +25,8 @@ from typer.testing import CliRunner
 
 from indexer.catalog import Patient, open_catalog
 from indexer.store import default_db_url
-from ingest.pacs import public_url
+from ingest.dicom import SeriesChoice
+from ingest.pacs import DicomWebSource, public_url
 from service.api.app import create_app
 from service.cli import app
 from service.config import Settings
@@ -105,21 +107,42 @@ def _upload(base: str, datasets) -> None:
             assert response.ok, response.text
 
 
-def test_index_add_dicomweb_then_search_finds_the_study(orthanc, phantom_index, tmp_path,
-                                                        caplog):
-    study = "1.2.826.0.1.3680043.8.498.4242"
-    off_grid = "1.2.826.0.1.3680043.8.498.4343"
+STUDY = "1.2.826.0.1.3680043.8.498.4242"
+OFF_GRID = "1.2.826.0.1.3680043.8.498.4343"
+
+
+@pytest.fixture(scope="module")
+def uploaded(orthanc) -> dict:
+    """On the server: a study with a T1-Gd series on the model's grid and a FLAIR acquired
+    after injection, and a study whose only series is off the grid."""
     volume = phantom(2)
-    t1gd = series_datasets(volume, MODEL_AFFINE, study_uid=study,
+    t1gd = series_datasets(volume, MODEL_AFFINE, study_uid=STUDY,
                            description="AX T1 MPRAGE POST GD", seed=7)
-    flair = series_datasets(volume[:, :, 70:73], MODEL_AFFINE, study_uid=study,
+    flair = series_datasets(volume[:, :, 70:73], MODEL_AFFINE, study_uid=STUDY,
                             description="AX FLAIR", agent="GADOBUTROL")
-    small = series_datasets(volume[::4, ::4, 60:90:6], MODEL_AFFINE @ [[4, 0, 0, 0],
-                                                                      [0, 4, 0, 0],
-                                                                      [0, 0, 6, 0],
-                                                                      [0, 0, 0, 1]],
-                            study_uid=off_grid, description="T1 POST")
+    coarse = MODEL_AFFINE @ np.diag([4.0, 4.0, 6.0, 1.0])
+    small = series_datasets(volume[::4, ::4, 60:90:6], coarse, study_uid=OFF_GRID,
+                            description="T1 POST")
     _upload(orthanc, t1gd + flair + small)
+    return {"t1gd": t1gd, "flair": flair, "small": small}
+
+
+def test_series_are_picked_from_the_servers_headers(orthanc, uploaded):
+    source = DicomWebSource(f"{orthanc}/dicom-web")
+    assert sorted(source.studies()) == sorted([STUDY, OFF_GRID])
+    flair = str(uploaded["flair"][0].SeriesInstanceUID)
+    assert source.pick(STUDY).series_uid == uploaded["t1gd"][0].SeriesInstanceUID
+    assert source.study_of(flair) == STUDY
+    assert source.pick(STUDY, flair).description == "AX FLAIR"
+    with pytest.raises(SeriesChoice, match="series 1.2.3 is not on"):
+        source.study_of("1.2.3")
+    assert public_url("http://user:secret@pacs.example:8042/dicom-web/") == \
+        "http://pacs.example:8042/dicom-web"
+
+
+def test_index_add_dicomweb_then_search_finds_the_study(orthanc, uploaded, phantom_index,
+                                                        tmp_path, caplog):
+    study, off_grid, t1gd = STUDY, OFF_GRID, uploaded["t1gd"]
     index = shutil.copytree(phantom_index, tmp_path / "index")
     url = f"{orthanc}/dicom-web"
 
