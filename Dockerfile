@@ -44,6 +44,7 @@ RUN python -c "import sys, tomllib; \
 
 COPY model/ model/
 COPY indexer/ indexer/
+COPY ingest/ ingest/
 COPY service/ service/
 # Not editable: `cbir` runs from site-packages, where indexer.build.DEFAULT_CHECKPOINT does not
 # point at /app/checkpoints, so docker-compose.yml passes the checkpoint path explicitly.
