@@ -37,6 +37,9 @@ def test_a_dicom_hit_shows_its_study_and_series_uids(page, dicom_server,  # noqa
     open_app(page, dicom_server)
     body = upload_and_wait(page, upload, k=2, space="concat")
     assert body["query"]["kind"] == "dicom"
+    # The series is a volume: the slice slider is offered, as for a NIfTI upload.
+    expect(page.locator("#slice-control")).to_be_visible()
+    expect(page.locator("#slice-value")).to_have_text("77 / 154")
     first, second = cards(page).nth(0), cards(page).nth(1)
     assert first.locator(".patient").inner_text() == dicom_index.study_uid
     expect(first.locator(".meta-dicom")).to_be_visible()
