@@ -193,7 +193,8 @@ def pick_series(infos: list[SeriesInfo], series_uid: str | None = None) -> Serie
         return post[0]
     why = ("none is a post-contrast T1 by its description or contrast agent tag" if not post
            else f"{len(post)} look like a post-contrast T1")
-    raise SeriesChoice(f"{len(infos)} series and {why}; name one with --series UID: {listing}")
+    raise SeriesChoice(f"{len(infos)} series and {why}; name one by its SeriesInstanceUID "
+                       f"(--series UID, or series=UID with an upload): {listing}")
 
 
 def _floats(value, n: int, what: str) -> np.ndarray:

@@ -74,10 +74,11 @@ def sniff(data: bytes) -> str:
 
 
 def decode_query(data: bytes, slice_index: int | None = None, limits: Limits | None = None,
-                 budget: DecodeBudget | None = None) -> QuerySlice:
+                 budget: DecodeBudget | None = None, series_uid: str | None = None) -> QuerySlice:
     """Turn uploaded bytes into the query slice, or raise an ``UploadError`` naming the problem.
 
     ``budget``, when given, bounds the memory of this decode together with every other one.
+    ``series_uid`` picks the series of a .zip holding several (default: the T1-Gd rule).
     """
     limits = limits or Limits()
     if not data:
@@ -88,7 +89,7 @@ def decode_query(data: bytes, slice_index: int | None = None, limits: Limits | N
     elif kind in ("gzip", "nifti"):
         query = nifti_slice(data, kind == "gzip", slice_index, limits, budget)
     elif kind == "zip":
-        query = series_slice(data, slice_index, limits, budget)
+        query = series_slice(data, slice_index, limits, budget, series_uid)
     else:
         query = dicom_slice(data, slice_index, limits, budget)
     _require_brain(query)

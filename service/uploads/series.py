@@ -91,7 +91,7 @@ def _datasets(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits: Li
 
 
 def series_slice(data: bytes, slice_index: int | None, limits: Limits,
-                 budget: DecodeBudget | None) -> QuerySlice:
+                 budget: DecodeBudget | None, series_uid: str | None = None) -> QuerySlice:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, ValueError) as exc:
@@ -105,7 +105,8 @@ def series_slice(data: bytes, slice_index: int | None, limits: Limits,
                 raise UnsupportedUpload("the zip holds no DICOM file: send a .zip of one "
                                         "DICOM series (or a NIfTI volume, PNG or JPEG)")
             try:
-                series = dicom.read_series(datasets, max_voxels=limits.max_volume_voxels)
+                series = dicom.read_series(datasets, series_uid,
+                                           max_voxels=limits.max_volume_voxels)
             except dicom.SeriesTooLarge as exc:
                 raise UploadTooLarge(f"DICOM series: {exc} (CBIR_MAX_VOLUME_VOXELS)") from exc
             except dicom.DicomError as exc:

@@ -95,8 +95,8 @@ def test_the_t1_gd_series_is_picked_by_the_rule(small, tmp_path):
         dicom.read_folder(folder, series_uid="9.9")
     # Two post-contrast T1s: the rule cannot choose, and says how to.
     again = series_datasets(small, SAGITTAL, study_uid=study, description="T1 GD COR")
-    with pytest.raises(dicom.SeriesChoice, match="2 look like a post-contrast T1; name one "
-                                                 "with --series"):
+    with pytest.raises(dicom.SeriesChoice, match=r"2 look like a post-contrast T1; name one "
+                                                 r"by its SeriesInstanceUID \(--series UID"):
         dicom.read_series(t1gd + again + flair)
 
 

@@ -164,7 +164,8 @@ def test_index_add_dicomweb_then_search_finds_the_study(orthanc, uploaded, phant
     engine.dispose()
 
     with TestClient(create_app(Settings(index_dir=index))) as client:
-        response = client.post("/search", params={"space": "concat", "k": 2},
+        response = client.post("/search", params={"space": "concat", "k": 2,
+                                                  "series": t1gd[0].SeriesInstanceUID},
                                files={"file": ("series.zip", zip_of(t1gd), "application/zip")})
     assert response.status_code == 200, response.text
     body = response.json()

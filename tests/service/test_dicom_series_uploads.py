@@ -114,3 +114,18 @@ def test_a_zip_without_dicom_and_a_series_off_the_grid_are_refused(volume):
     with pytest.raises(UploadError, match="DICOM series: gantry tilt") as info:
         decode_query(zip_of(tilted))
     assert _status(info.value) == 422
+
+
+def test_a_zip_of_several_series_takes_the_rule_or_the_series_named(volume, datasets):
+    study = str(datasets[0].StudyInstanceUID)
+    other = series_datasets(volume[:, :, 70:73], MODEL_AFFINE, study_uid=study,
+                            description="T1 COR GD")
+    data = zip_of(datasets + other)
+    with pytest.raises(UploadError, match=r"2 series and 2 look like a post-contrast T1; name "
+                                          r"one by its SeriesInstanceUID") as info:
+        decode_query(data)
+    assert _status(info.value) == 422
+    assert str(datasets[0].SeriesInstanceUID) in str(info.value)
+    named = decode_query(data, 77, series_uid=str(datasets[0].SeriesInstanceUID))
+    nifti = nifti_bytes(volume.astype(np.float32), MODEL_AFFINE)
+    np.testing.assert_array_equal(named.image, decode_query(nifti, 77).image)

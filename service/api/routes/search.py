@@ -60,6 +60,10 @@ KQ = Annotated[int, Query(ge=1, le=MAX_K_LIMIT,
 SliceQ = Annotated[int | None, Query(ge=0, description="Axial slice of a NIfTI volume (or frame "
                                                        "of a multi-frame DICOM); default: the "
                                                        "middle one.")]
+SeriesQ = Annotated[str | None, Query(
+    max_length=64, description="SeriesInstanceUID of the series to read from a .zip holding "
+                               "several; default: the post-contrast T1 by the README's rule "
+                               "(DICOM and PACS).")]
 ExcludeQ = Annotated[str | None, Query(
     max_length=255, description="Leave out this patient's slices (external id).",
     openapi_examples={"a BraTS patient": {"value": "BraTS20_Training_001"}})]
@@ -132,14 +136,15 @@ async def _read(upload: UploadFile) -> bytes:
 
 
 def _decode(request: Request, data: bytes, slice_index: int | None, settings: Settings,
-            timings: Timings, field: str) -> QuerySlice:
+            timings: Timings, field: str, series: str | None = None) -> QuerySlice:
     limits = Limits(max_image_pixels=settings.max_image_pixels,
                     max_volume_voxels=settings.max_volume_voxels,
                     max_zip_members=settings.max_zip_members,
                     max_zip_bytes=settings.max_zip_bytes)
     with timings.stage("decode"):
         try:
-            return decode_query(data, slice_index, limits, request.app.state.decode_budget)
+            return decode_query(data, slice_index, limits, request.app.state.decode_budget,
+                                series)
         except UploadError as exc:
             raise _upload_error(exc, field) from None
         except DecoderBusy as exc:
@@ -184,7 +189,7 @@ def _warnings(retrieval: Retrieval, space: str, hits: list[Hit],
 async def search(
     request: Request, retrieval: RetrievalDep, settings: SettingsDep,
     file: Annotated[UploadFile, File(description=UPLOAD_HELP)],
-    space: SpaceQ = "normal", k: KQ = 10, slice: SliceQ = None,
+    space: SpaceQ = "normal", k: KQ = 10, slice: SliceQ = None, series: SeriesQ = None,
     exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None, group: GroupQ = "patient",
 ) -> SearchResponse:
     """The k indexed slices nearest to the upload's code in `space`, with the query's
@@ -201,7 +206,7 @@ async def search(
     request.state.timings = timings.seconds
 
     def work() -> SearchResponse:
-        query = _decode(request, data, slice, settings, timings, "file")
+        query = _decode(request, data, slice, settings, timings, "file", series)
         drawn = retrieval.draw(query.image, timings)
         lesion = bool(drawn.labels.any())
         hits = _search(retrieval, space, drawn.codes, k, timings,
@@ -239,6 +244,7 @@ async def compose(
     abnormal: Annotated[UploadFile, File(description="Gives the abnormal (lesion) code. "
                                                      + UPLOAD_HELP)],
     k: KQ = 10, normal_slice: SliceQ = None, abnormal_slice: SliceQ = None,
+    normal_series: SeriesQ = None, abnormal_series: SeriesQ = None,
     exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None, group: GroupQ = "patient",
     weighting: WeightingQ = "balanced",
 ) -> ComposeResponse:
@@ -256,8 +262,10 @@ async def compose(
     request.state.timings = timings.seconds
 
     def work() -> ComposeResponse:
-        nq = _decode(request, normal_data, normal_slice, settings, timings, "normal")
-        aq = _decode(request, abnormal_data, abnormal_slice, settings, timings, "abnormal")
+        nq = _decode(request, normal_data, normal_slice, settings, timings, "normal",
+                     normal_series)
+        aq = _decode(request, abnormal_data, abnormal_slice, settings, timings, "abnormal",
+                     abnormal_series)
         nd = retrieval.draw(nq.image, timings)
         ad = retrieval.draw(aq.image, timings)
         pair = Codes(normal=nd.codes.normal, abnormal=ad.codes.abnormal)
