@@ -37,7 +37,8 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,20 @@ class GantryTilt(DicomError):
 
 class MissingSlices(DicomError):
     pass
+
+
+@contextmanager
+def readable() -> Iterator[None]:
+    """Any failure of pydicom on damaged headers or pixel data (it raises many types, lazily, when
+    a value is first read) as a ``DicomError``. The message names the exception type only: a
+    pydicom message may quote a value, and a value may be a patient's name."""
+    try:
+        yield
+    except DicomError:
+        raise
+    except Exception as exc:
+        raise DicomError(f"unreadable DICOM header or pixel data ({type(exc).__name__})") \
+            from exc
 
 
 @dataclass(frozen=True)
@@ -374,29 +389,33 @@ def read_series(datasets: Iterable, series_uid: str | None = None, source: str =
                 max_voxels: int | None = None) -> DicomVolume:
     """The series ``pick_series`` chooses among ``datasets`` (pydicom Datasets), read as one
     volume."""
-    groups = group_series(datasets)
-    info = pick_series([describe(g) for g in groups.values()], series_uid)
-    volume = series_volume(groups[info.series_uid], source, max_voxels)
+    with readable():
+        groups = group_series(datasets)
+        info = pick_series([describe(g) for g in groups.values()], series_uid)
+        volume = series_volume(groups[info.series_uid], source, max_voxels)
     return DicomVolume(volume=volume, study_uid=info.study_uid, series_uid=info.series_uid,
                        description=info.description, source=source)
 
 
 def parse(data: bytes):
-    """One DICOM file's bytes -> a pydicom Dataset, or None when the bytes are not DICOM."""
+    """One DICOM file's bytes -> a pydicom Dataset, or None when the bytes are not DICOM;
+    ``DicomError`` for a DICOM file too damaged to read."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         return pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError):
+    except InvalidDicomError:
         return None
+    except Exception as exc:  # pydicom raises many types on damaged files
+        raise DicomError(f"a damaged DICOM file ({type(exc).__name__})") from exc
 
 
 def read_folder(folder: Path | str, series_uid: str | None = None) -> DicomVolume:
     """The series of a folder (searched recursively; non-DICOM files are passed over) chosen
     by ``pick_series``. Headers are read first; pixel data only of the series chosen."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import BytesLengthException, InvalidDicomError
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -406,17 +425,19 @@ def read_folder(folder: Path | str, series_uid: str | None = None) -> DicomVolum
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError, OSError):
-            continue
-        if "SeriesInstanceUID" not in ds or "Rows" not in ds:
-            continue
-        uid = str(ds.SeriesInstanceUID)
+            if "SeriesInstanceUID" not in ds or "Rows" not in ds:
+                continue
+            uid = str(ds.SeriesInstanceUID)
+        except (InvalidDicomError, BytesLengthException, EOFError, ValueError, TypeError,
+                AttributeError, OSError, NotImplementedError):
+            continue  # not DICOM, or too damaged to place: a gap it leaves is reported
         headers.setdefault(uid, []).append(ds)
         paths.setdefault(uid, []).append(path)
     if not headers:
         raise NoSeries(f"{folder}: no DICOM image found")
-    info = pick_series([describe(h) for h in headers.values()], series_uid)
-    datasets = [pydicom.dcmread(p) for p in paths[info.series_uid]]
-    volume = series_volume(datasets, str(folder))
+    with readable():
+        info = pick_series([describe(h) for h in headers.values()], series_uid)
+        datasets = [pydicom.dcmread(p) for p in paths[info.series_uid]]
+        volume = series_volume(datasets, str(folder))
     return DicomVolume(volume=volume, study_uid=info.study_uid, series_uid=info.series_uid,
                        description=info.description, source=str(folder))

@@ -77,17 +77,19 @@ class DicomWebSource:
             uid = _value(item, SERIES_UID)
             if uid is None:
                 continue
-            headers = dicom.group_series(_datasets(
-                self.client.retrieve_series_metadata(study_uid, uid)))
-            infos += [dicom.describe(group) for group in headers.values()]
+            metadata = self.client.retrieve_series_metadata(study_uid, uid)
+            with dicom.readable():
+                headers = dicom.group_series(_datasets(metadata))
+                infos += [dicom.describe(group) for group in headers.values()]
         return dicom.pick_series(infos, series_uid)
 
     def read(self, study_uid: str, series_uid: str) -> dicom.DicomVolume:
         datasets = self.client.retrieve_series(study_uid, series_uid)
         log.info("fetched %d instance(s) of series %s", len(datasets), series_uid)
-        info = dicom.describe(datasets)
         where = self.series_path(study_uid, series_uid)
-        volume = dicom.series_volume(datasets, where)
+        with dicom.readable():
+            info = dicom.describe(datasets)
+            volume = dicom.series_volume(datasets, where)
         return dicom.DicomVolume(volume=volume, study_uid=study_uid, series_uid=series_uid,
                                  description=info.description, source=where)
 

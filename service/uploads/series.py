@@ -78,14 +78,19 @@ def _datasets(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits: Li
         try:
             with archive.open(info) as member:
                 data = member.read(info.file_size + 1)
-        except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError) as exc:
+        except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, ValueError,
+                OSError) as exc:
             raise UploadError(f"the zip member {info.filename!r} cannot be inflated ({exc})") \
                 from exc
         total += len(data)
         if len(data) > info.file_size or total > limits.max_zip_bytes:
             raise UploadTooLarge(f"the zip member {info.filename!r} inflates past the size its "
                                  f"archive declares (a zip bomb?); refused")
-        if (ds := dicom.parse(data)) is not None:
+        try:
+            ds = dicom.parse(data)
+        except dicom.DicomError as exc:
+            raise UploadError(f"the zip member {info.filename!r}: {exc}") from exc
+        if ds is not None:
             out.append(ds)
     return out
 
@@ -94,7 +99,7 @@ def series_slice(data: bytes, slice_index: int | None, limits: Limits,
                  budget: DecodeBudget | None, series_uid: str | None = None) -> QuerySlice:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, ValueError) as exc:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
         raise UploadError(f"not a readable zip file ({exc})") from exc
     with archive:
         files = _members(archive, limits)
