@@ -397,11 +397,22 @@ def read_series(datasets: Iterable, series_uid: str | None = None, source: str =
                        description=info.description, source=source)
 
 
+def quiet_pydicom():
+    """pydicom, told not to check values as it reads them: its warnings quote the value they
+    find wrong, and the value may be a patient's name, which must never reach a log."""
+    import pydicom
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    return pydicom
+
+
 def parse(data: bytes):
     """One DICOM file's bytes -> a pydicom Dataset, or None when the bytes are not DICOM;
     ``DicomError`` for a DICOM file too damaged to read."""
-    import pydicom
     from pydicom.errors import InvalidDicomError
+
+    pydicom = quiet_pydicom()
 
     try:
         return pydicom.dcmread(io.BytesIO(data))
@@ -414,9 +425,9 @@ def parse(data: bytes):
 def read_folder(folder: Path | str, series_uid: str | None = None) -> DicomVolume:
     """The series of a folder (searched recursively; non-DICOM files are passed over) chosen
     by ``pick_series``. Headers are read first; pixel data only of the series chosen."""
-    import pydicom
     from pydicom.errors import BytesLengthException, InvalidDicomError
 
+    pydicom = quiet_pydicom()
     folder = Path(folder)
     if not folder.is_dir():
         raise NoSeries(f"{folder}: no such folder")

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 
+from ingest.dicom import quiet_pydicom
 from model.data import preprocess
 from service.uploads.base import (
     DecodeBudget,
@@ -22,8 +23,9 @@ BYTES_PER_PIXEL = 32
 
 def dicom_slice(data: bytes, slice_index: int | None, limits: Limits,
                  budget: DecodeBudget | None) -> QuerySlice:
-    import pydicom
     from pydicom.errors import InvalidDicomError
+
+    pydicom = quiet_pydicom()
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
