@@ -17,16 +17,17 @@ Which series of a folder holding several (``pick_series``), in order:
 
 1. ``series_uid`` when given (``--series UID``); a UID not there is an error listing those there.
 2. A folder holding one image series: that one.
-3. The post-contrast T1 (T1-Gd): a series is post-contrast when its ContrastBolusAgent (or the
-   enhanced ContrastBolusAgentSequence) is filled in, or its SeriesDescription holds a
-   post-contrast word (``POST_WORDS``: gd, gad, post, +c, ce, t1ce, contrast, ...) and no
-   pre-contrast word (``PRE_WORDS``: pre, native, without, ...); series whose description names
-   another weighting (``OTHER_WORDS``: t2, flair, dwi, adc, swi, localizer, ...) are left out,
-   since a T2 or FLAIR acquired after injection carries the agent tag too. One left: that one.
-   Several: those whose description also names T1 (``T1_WORDS``: t1, mprage, spgr, bravo,
-   vibe, ...); one left: that one.
-4. Otherwise (none, or still several) the choice is refused with the list of series (UID,
-   description, images), so the reader names one with ``--series``.
+3. The post-contrast T1 (T1-Gd), among MR series: a series is post-contrast when its
+   ContrastBolusAgent (or the enhanced ContrastBolusAgentSequence) is filled in, or its
+   SeriesDescription holds a post-contrast word (``POST_WORDS``: gd, gad, post, +c, ce, t1ce,
+   contrast, ...) and no pre-contrast word (``PRE_WORDS``: pre, native, without, ...); series
+   whose description names another weighting (``OTHER_WORDS``: t2, flair, dwi, adc, swi,
+   localizer, ...) are left out, since a T2 or FLAIR acquired after injection carries the agent
+   tag too. One left: that one. Several: those whose description also names T1 (``T1_WORDS``:
+   t1, mprage, spgr, bravo, vibe, ...); one left: that one.
+4. Otherwise (none, or several that all or none name T1) the choice is refused with the list
+   of series (UID, description, images), so the reader names one with ``--series`` (or
+   ``series=`` on an upload).
 
 Patient names and ids are never read into anything this module returns or logs: the only
 identifiers kept are the StudyInstanceUID and SeriesInstanceUID.
@@ -200,13 +201,13 @@ def pick_series(infos: list[SeriesInfo], series_uid: str | None = None) -> Serie
         raise SeriesChoice(f"series {series_uid} is not there; the series found: {listing}")
     if len(infos) == 1:
         return infos[0]
-    post = [i for i in infos if _post_contrast(i)]
+    post = [i for i in infos if i.modality in ("MR", "") and _post_contrast(i)]
     if len(post) > 1:
-        post = [i for i in post if _words(i.description) & T1_WORDS]
+        post = [i for i in post if _words(i.description) & T1_WORDS] or post
     if len(post) == 1:
         log.info("picked series %s of %d by the T1-Gd rule", post[0].series_uid, len(infos))
         return post[0]
-    why = ("none is a post-contrast T1 by its description or contrast agent tag" if not post
+    why = ("none is a post-contrast T1 MR by its description or contrast agent tag" if not post
            else f"{len(post)} look like a post-contrast T1")
     raise SeriesChoice(f"{len(infos)} series and {why}; name one by its SeriesInstanceUID "
                        f"(--series UID, or series=UID with an upload): {listing}")
@@ -220,15 +221,6 @@ def _floats(value, n: int, what: str) -> np.ndarray:
     if arr.shape != (n,) or not np.isfinite(arr).all():
         raise DicomError(f"{what} should hold {n} numbers, holds {value!r}")
     return arr
-
-
-def _item(ds, sequence: str, inner: str):
-    """``ds.<sequence>[0].<inner>[0]`` or None (enhanced functional groups)."""
-    seq = getattr(ds, sequence, None)
-    if not seq:
-        return None
-    group = getattr(seq[0], inner, None)
-    return group[0] if group else None
 
 
 def _planes(ds) -> list[_Plane]:

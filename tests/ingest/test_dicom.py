@@ -117,3 +117,16 @@ def test_to_model_space_refuses_another_grid_naming_it(small, tmp_path):
     grid = _nifti(np.zeros((240, 240, 155), np.uint8), np.diag([-1.0, -1.0, 1.0, 1.0]),
                   tmp_path)
     assert to_model_space(grid) is grid
+
+
+def test_only_mr_series_are_candidates_and_t1_narrows_only_when_it_can():
+    info = lambda uid, d, modality="MR", agent=False: dicom.SeriesInfo(  # noqa: E731
+        uid, "2", d, modality, agent, 10)
+    ct = info("1", "CT HEAD +C", "CT", True)
+    mr = info("2", "AX POST GD")
+    assert dicom.pick_series([ct, mr]).series_uid == "2"
+    # Two post-contrast series, neither naming T1: refused as two candidates, not as none.
+    with pytest.raises(dicom.SeriesChoice, match="2 look like a post-contrast T1"):
+        dicom.pick_series([mr, info("3", "COR POST GD")])
+    with pytest.raises(dicom.SeriesChoice, match="none is a post-contrast T1 MR"):
+        dicom.pick_series([info("4", "AX T2"), info("5", "T1 PRE")])
