@@ -7,7 +7,8 @@ The kind is sniffed from the bytes, never trusted from a name or a content type:
   is, so a 12-bit export in a 16-bit PNG or a dark 8-bit export becomes the same query.
 - NIfTI-1/2, plain or gzipped: the same steps an indexed volume goes through (RAS+ reorientation,
   per-volume intensity scale, radiological axial slice, centre fit); ``slice`` picks the axial
-  slice, the middle one by default.
+  slice, the middle one by default. With ``preprocess``, a volume not in the model's space is
+  skull-stripped and registered to the BraTS grid first (``ingest.preprocess``).
 - DICOM (``DICM`` at byte 128): pixel data only. Frames are slices; the per-image intensity rule
   of a volume is applied to the frames, and large frames are shrunk like a 2-D image. No tag but
   the ones pixel decoding needs is read, and none is kept or logged.
@@ -67,10 +68,12 @@ def sniff(data: bytes) -> str:
 
 
 def decode_query(data: bytes, slice_index: int | None = None, limits: Limits | None = None,
-                 budget: DecodeBudget | None = None) -> QuerySlice:
+                 budget: DecodeBudget | None = None, preprocess: bool = False) -> QuerySlice:
     """Turn uploaded bytes into the query slice, or raise an ``UploadError`` naming the problem.
 
     ``budget``, when given, bounds the memory of this decode together with every other one.
+    ``preprocess`` brings a NIfTI volume that is not in the model's space there first
+    (``ingest.preprocess``); the API passes its ``preprocess`` option, true by default.
     """
     limits = limits or Limits()
     if not data:
@@ -79,7 +82,7 @@ def decode_query(data: bytes, slice_index: int | None = None, limits: Limits | N
     if kind in ("png", "jpeg"):
         query = image_slice(data, kind, slice_index, limits, budget)
     elif kind in ("gzip", "nifti"):
-        query = nifti_slice(data, kind == "gzip", slice_index, limits, budget)
+        query = nifti_slice(data, kind == "gzip", slice_index, limits, budget, preprocess)
     else:
         query = dicom_slice(data, slice_index, limits, budget)
     _require_brain(query)
