@@ -44,8 +44,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from ingest import registration as R
+from ingest.labels import to_internal
+from ingest.layouts import Case
+from ingest.volumes import CaseVolumes, load_case
 from model.data import preprocess
-from model.data.nifti import read_nifti
+from model.data.nifti import VolumeError, read_nifti
 from model.data.synth.phantom import BRATS_AFFINE, GRID_SHAPE
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class ModelSpaceVolume:
 
     image: np.ndarray  # (240, 240, 155) float32 in [0, 1], rule 2; 0 outside the brain
     brain: np.ndarray  # (240, 240, 155) bool
+    scale: float  # rule 2's scale, in the input's units
     others: dict[str, np.ndarray] = field(default_factory=dict)  # co-registered modalities
     labels: np.ndarray | None = None  # uint8 label map carried along (nearest neighbour)
     transform: sitk.Transform | None = None  # grid -> native T1-Gd points; None: untouched
@@ -74,11 +78,21 @@ class ModelSpaceVolume:
         return R.GRID_AFFINE
 
 
-def in_model_space(array: np.ndarray, affine: np.ndarray) -> bool:
-    """The documented rule (module docstring); ``array`` and ``affine`` in RAS+ order."""
-    if tuple(array.shape) != GRID_SHAPE:
+def on_grid(shape: tuple[int, ...], affine: np.ndarray) -> bool:
+    """The rule's grid part, from a header alone (any voxel order): 240 x 240 x 155 voxels of
+    1 mm along the world axes."""
+    axes = np.abs(np.asarray(affine)[:3, :3])
+    world = axes.argmax(axis=0)  # the world axis each voxel axis runs along
+    if len(shape) != 3 or sorted(world) != [0, 1, 2]:
         return False
-    if not np.allclose(np.abs(affine[:3, :3]), np.eye(3), atol=SPACING_ATOL_MM):
+    if not np.allclose(axes, np.eye(3)[world].T, atol=SPACING_ATOL_MM):
+        return False
+    return tuple(shape[list(world).index(w)] for w in range(3)) == GRID_SHAPE
+
+
+def in_model_space(array: np.ndarray, affine: np.ndarray) -> bool:
+    """The documented rule (module docstring)."""
+    if not on_grid(np.shape(array), affine):
         return False
     return float((np.asarray(array) == 0).mean()) >= MIN_BACKGROUND_FRACTION
 
@@ -115,8 +129,10 @@ def to_model_space(array: np.ndarray, affine: np.ndarray,
     """
     started = time.perf_counter()
     if in_model_space(array, affine):
+        scale = preprocess.intensity_scale(array)
         return ModelSpaceVolume(
-            image=preprocess.normalize_intensity(array), brain=np.asarray(array) > 0,
+            image=preprocess.normalize_intensity(array, scale), brain=np.asarray(array) > 0,
+            scale=scale,
             others={k: preprocess.normalize_intensity(a) for k, (a, _) in (others or {}).items()},
             labels=labels, seconds=time.perf_counter() - started)
     extent = np.array(array.shape) * np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
@@ -136,13 +152,13 @@ def to_model_space(array: np.ndarray, affine: np.ndarray,
     transform = R.register(grid, stripped, affine=affine_stage)  # step 4
     on_grid = R.from_sitk(R.resample(native, grid, transform))[0]  # step 5
     mask = R.from_sitk(R.resample(mask_img, grid, transform))[0] > 0.5
-    image = _finish(on_grid, mask)
-    out = ModelSpaceVolume(image=image, brain=mask, transform=transform)
+    image, scale = _finish(on_grid, mask)
+    out = ModelSpaceVolume(image=image, brain=mask, scale=scale, transform=transform)
     for name, (arr, aff) in (others or {}).items():
         moving = _native(arr, aff)
         rigid = R.register(native, moving, affine=False, initial=sitk.Euler3DTransform())
         warped = R.resample(moving, grid, R.chain(transform, rigid))
-        out.others[name] = _finish(R.from_sitk(warped)[0], mask)
+        out.others[name] = _finish(R.from_sitk(warped)[0], mask)[0]
     if labels is not None:
         lab = R.to_sitk(np.asarray(labels, dtype=np.uint8), affine)
         out.labels = R.from_sitk(R.resample(lab, grid, transform, sitk.sitkNearestNeighbor))[0]
@@ -151,12 +167,38 @@ def to_model_space(array: np.ndarray, affine: np.ndarray,
     return out
 
 
-def _finish(on_grid: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Step 5's masking and step 6's normalisation."""
+def _finish(on_grid: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
+    """Step 5's masking and step 6's normalisation: (image, its scale)."""
     brain = np.where(mask, np.maximum(on_grid, 0), 0).astype(np.float32)
     if not (brain > 0).any():
         raise ValueError("no brain voxel > 0 left after registration")
-    return preprocess.normalize_intensity(brain)
+    scale = preprocess.intensity_scale(brain)
+    return preprocess.normalize_intensity(brain, scale), scale
+
+
+def load_case_in_model_space(case: Case) -> CaseVolumes:
+    """``brats.load_case`` for indexing (image and labels), with a T1-Gd that is not in the
+    model's space brought there first and its label map carried along.
+
+    Raises ``VolumeError`` for an unreadable file, ``ValueError`` when preprocessing fails.
+    """
+    header = nib.load(case.t1ce)
+    shape = header.shape[:3] if case.channel is not None else header.shape  # 4-D: one channel
+    if on_grid(shape, header.affine):
+        vols = load_case(case, with_healthy=False, with_anatomy=False)
+        if in_model_space(vols.image, vols.affine):  # the background test needs the voxels
+            return vols
+    image = read_nifti(case.t1ce, channel=case.channel)
+    seg = None
+    if case.seg is not None:
+        vol = read_nifti(case.seg, dtype=None)
+        try:
+            seg = to_internal(vol.array, case.layout)
+        except ValueError as exc:
+            raise VolumeError(case.seg, str(exc)) from exc
+    out = to_model_space(image.array, image.affine, labels=seg)
+    return CaseVolumes(case=case, image=out.image, scale=out.scale, affine=out.affine,
+                       seg=out.labels)
 
 
 def load_grid() -> sitk.Image:

@@ -1,0 +1,122 @@
+"""ingest.preprocess: an off-grid head comes back onto the grid; a grid volume is left alone.
+
+The volume moved off the grid is the SRI24 brain the grid is defined by, not a synthetic
+phantom: phantoms sit where ``GRID_TO_MNI`` puts the MNI template, which is about 20 % larger
+and 11 mm anterior of where SRI24 puts a brain (``bench/preprocess_real.py`` prints the figures),
+so registering one to SRI24 rightly moves it, and its own placement could not be the answer.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+from ingest import preprocess as P
+from ingest import registration as R
+from model.data import preprocess
+from model.data.nifti import read_nifti
+from service.uploads import decode_query
+
+NATIVE_SPACING = (0.9, 0.9, 5.0)
+NATIVE_SIZE = (256, 256, 40)  # 230 x 230 x 200 mm
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def _head() -> np.ndarray:
+    """The atlas brain inside a fake skull on the grid (RAS+): dark CSF 0 to 4 mm beyond the
+    brain, a bright 5 mm bone and scalp shell beyond that, faint noise everywhere else."""
+    atlas = R.load_atlas()
+    rng = np.random.default_rng(0)
+    top = float(atlas.t1.max())
+    near = ndi.distance_transform_edt(~atlas.brain)
+    head = np.where(atlas.brain, atlas.t1, 0.03 * top).astype(np.float32)
+    head[(near > 4) & (near <= 9)] = 0.8 * top
+    head[near > 9] = 0.0
+    return head + rng.uniform(0, 0.02 * top, head.shape).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def off_grid(tmp_path_factory):
+    """The head turned 10, -6 and 12 degrees, moved (6, -9, 4) mm, and resampled to 0.9 x 0.9
+    x 5 mm voxels on oblique axes, written as a NIfTI in the scanner's own orientation."""
+    head = R.to_sitk(_head(), R.GRID_AFFINE)
+    move = sitk.Euler3DTransform()
+    move.SetCenter(head.TransformContinuousIndexToPhysicalPoint(
+        [s / 2 for s in head.GetSize()]))
+    move.SetRotation(*np.deg2rad([10.0, -6.0, 12.0]))
+    move.SetTranslation((6.0, -9.0, 4.0))
+    tilt = sitk.Euler3DTransform()
+    tilt.SetRotation(0.0, 0.0, np.deg2rad(5.0))
+    direction = np.array(tilt.GetMatrix()).reshape(3, 3)
+    centre = np.array(move.GetCenter())
+    extent = np.array(NATIVE_SPACING) * (np.array(NATIVE_SIZE) - 1)
+    origin = centre - direction @ (extent / 2)
+    native = sitk.Resample(head, NATIVE_SIZE, move, sitk.sitkLinear, origin.tolist(),
+                           NATIVE_SPACING, direction.ravel().tolist(), 0.0, sitk.sitkFloat32)
+    array, affine = R.from_sitk(native)
+    path = tmp_path_factory.mktemp("off-grid") / "head_t1c.nii.gz"
+    # Stored as a scanner would: LAS voxel order, integers.
+    nib.save(nib.Nifti1Image(np.rint(array[::-1] * 4).astype(np.int16),
+                             affine @ np.array([[-1, 0, 0, array.shape[0] - 1], [0, 1, 0, 0],
+                                                [0, 0, 1, 0], [0, 0, 0, 1]])), path)
+    return path
+
+
+def test_an_off_grid_head_comes_back_onto_the_grid(off_grid, tmp_path):
+    src = read_nifti(off_grid)
+    assert not P.in_model_space(src.array, src.affine)
+    out = P.preprocess_file(off_grid, tmp_path / "out_t1ce.nii.gz")
+    written = read_nifti(tmp_path / "out_t1ce.nii.gz")
+    assert written.array.shape == (240, 240, 155)
+    np.testing.assert_allclose(written.affine, R.GRID_AFFINE)
+    np.testing.assert_array_equal(written.array, out.image)
+    atlas = R.load_atlas()
+    assert dice(written.array > 0, atlas.brain) > 0.9
+    assert np.corrcoef(written.array[atlas.brain], atlas.t1[atlas.brain])[0, 1] > 0.8
+    assert out.image.max() == 1.0 and out.image.min() == 0.0
+    assert P.in_model_space(out.image, out.affine)  # preprocessing twice changes nothing
+
+
+def test_a_volume_in_brats_space_is_left_untouched(tmp_path):
+    atlas = R.load_atlas()
+    out = P.to_model_space(atlas.t1, R.GRID_AFFINE)
+    assert out.transform is None
+    np.testing.assert_array_equal(out.image, np.clip(atlas.t1 / out.scale, 0, 1))
+    # The same volume as BraTS stores it (LPS voxel order, another origin) reads as untouched.
+    path = tmp_path / "x_t1ce.nii.gz"
+    nib.save(P.to_brats_storage(atlas.t1), path)
+    vol = read_nifti(path)
+    assert P.on_grid(nib.load(path).shape, nib.load(path).affine)
+    assert P.to_model_space(vol.array, vol.affine).transform is None
+
+
+@pytest.mark.parametrize("change", ["skull background", "1.2 mm voxels", "oblique", "shape"])
+def test_the_rule_refuses_what_is_not_brats_space(change):
+    vol, affine = R.load_atlas().t1.copy(), R.GRID_AFFINE.copy()
+    if change == "skull background":
+        vol[vol == 0] = 1.0  # a head: non-zero almost everywhere
+    elif change == "1.2 mm voxels":
+        affine[:3, :3] *= 1.2
+    elif change == "oblique":
+        c, s = np.cos(0.1), np.sin(0.1)
+        affine[:2, :2] = [[c, -s], [s, c]]
+    else:
+        vol = vol[:, :, :150]
+    assert not P.in_model_space(vol, affine)
+
+
+def test_an_upload_is_preprocessed_unless_asked_not_to(off_grid):
+    data = off_grid.read_bytes()
+    as_is = decode_query(data, preprocess=False)
+    assert (as_is.slice, as_is.slice_count) == (20, 40)
+    on_grid = decode_query(data, slice_index=80, preprocess=True)
+    assert (on_grid.slice, on_grid.slice_count) == (80, 155)
+    # The slice is the grid's slice 80: its brain is the atlas brain's at that level.
+    atlas_slice = preprocess.axial_slices(R.load_atlas().brain)[80]
+    assert dice(on_grid.image > 0, atlas_slice) > 0.9
