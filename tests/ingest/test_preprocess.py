@@ -120,3 +120,21 @@ def test_an_upload_is_preprocessed_unless_asked_not_to(off_grid):
     # The slice is the grid's slice 80: its brain is the atlas brain's at that level.
     atlas_slice = preprocess.axial_slices(R.load_atlas().brain)[80]
     assert dice(on_grid.image > 0, atlas_slice) > 0.9
+
+
+def test_simpleitk_and_faiss_load_in_either_order():
+    """The indexer imports faiss (``indexer.store``) before SimpleITK (``ingest``); a previous
+    machine needed SimpleITK first (a clash of their bundled libraries). Both orders, in fresh
+    interpreters, register and search."""
+    import subprocess
+    import sys
+
+    body = ("import numpy as np; from ingest import registration as R; "
+            "i = sitk.Shrink(R.load_atlas().image(), [8, 8, 8]); R.register(i, i); "
+            "x = np.eye(8, dtype='float32'); ix = faiss.IndexFlatL2(8); ix.add(x); "
+            "assert ix.search(x, 1)[1][:, 0].tolist() == list(range(8))")
+    for first, second in (("faiss", "SimpleITK as sitk"), ("SimpleITK as sitk", "faiss")):
+        code = f"import {first}; import {second}; {body}"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, (first, done.returncode, done.stderr[-2000:])
