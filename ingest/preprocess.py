@@ -238,6 +238,9 @@ def _save(ras: np.ndarray, dst: Path) -> None:
     os.close(fd)
     try:
         nib.save(to_brats_storage(ras), tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):

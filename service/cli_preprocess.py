@@ -16,8 +16,8 @@ def _pair(text: str) -> tuple[Path, Path]:
 
 
 def preprocess_command(
-    src: Annotated[Path, typer.Argument(metavar="IN", help="T1-Gd NIfTI (.nii or .nii.gz).")],
-    dst: Annotated[Path, typer.Argument(metavar="OUT", help="NIfTI to write (BraTS layout).")],
+    src: Annotated[Path, typer.Argument(help="IN: the T1-Gd NIfTI (.nii or .nii.gz).")],
+    dst: Annotated[Path, typer.Argument(help="OUT: the NIfTI to write (BraTS layout).")],
     others: Annotated[list[str] | None, typer.Option(
         "--with", help="IN=OUT: another modality of the same study (T1, T2, FLAIR), "
                        "co-registered to the T1-Gd and written to OUT (repeatable).")] = None,
