@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,9 +232,7 @@ def preprocess_file(src: Path | str, dst: Path | str,
 
 
 def _save(ras: np.ndarray, dst: Path) -> None:
-    import os
-    import tempfile
-
+    """Written to a temporary name and moved into place: never half-written."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".nii.gz", dir=dst.parent)
     os.close(fd)

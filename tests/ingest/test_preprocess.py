@@ -1,9 +1,10 @@
 """ingest.preprocess: an off-grid head comes back onto the grid; a grid volume is left alone.
 
 The volume moved off the grid is the SRI24 brain the grid is defined by, not a synthetic
-phantom: phantoms sit where ``GRID_TO_MNI`` puts the MNI template, which is about 20 % larger
-and 11 mm anterior of where SRI24 puts a brain (``bench/preprocess_real.py`` prints the figures),
-so registering one to SRI24 rightly moves it, and its own placement could not be the answer.
+phantom: phantoms sit where ``GRID_TO_MNI`` puts the MNI template, whose brain holds 1.3 times
+the SRI24 brain's voxels and lies about 6 mm anterior and 5 mm superior of it
+(``bench/preprocess_real.py`` prints the figures), so registering one to SRI24 rightly moves it,
+and its own placement could not be the answer.
 """
 
 from __future__ import annotations
