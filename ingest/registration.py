@@ -41,7 +41,7 @@ _RAS_TO_STORED = np.array([[-1.0, 0, 0, GRID_SHAPE[0] - 1], [0, -1.0, 0, GRID_SH
 # The affine of the BraTS grid in RAS+ voxel order (x = a - 239, y = b, z = c mm).
 GRID_AFFINE = BRATS_AFFINE @ _RAS_TO_STORED
 _LPS = np.diag([-1.0, -1.0, 1.0])
-SEED = 0
+SEED = 1  # not 0: SimpleITK reads a seed of 0 as "seed from the wall clock"
 SAMPLING = 0.02  # of the fixed image's voxels at each level: 22,000 at 2 mm on the BraTS grid
 LEVELS = (4, 2)  # shrink factors: 4 mm, then 2 mm (finer adds time, not accuracy, at 5 mm slices)
 ITERATIONS = 100

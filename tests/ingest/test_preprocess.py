@@ -18,6 +18,7 @@ from scipy import ndimage as ndi
 from ingest import preprocess as P
 from ingest import registration as R
 from model.data import preprocess
+from model.data.brats import Case
 from model.data.nifti import read_nifti
 from service.uploads import decode_query
 
@@ -42,46 +43,69 @@ def _head() -> np.ndarray:
     return head + rng.uniform(0, 0.02 * top, head.shape).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def off_grid(tmp_path_factory):
-    """The head turned 10, -6 and 12 degrees, moved (6, -9, 4) mm, and resampled to 0.9 x 0.9
-    x 5 mm voxels on oblique axes, written as a NIfTI in the scanner's own orientation."""
-    head = R.to_sitk(_head(), R.GRID_AFFINE)
+def _blob() -> np.ndarray:
+    """A label map on the grid: a 12 mm ball of edema (2) around a 6 mm enhancing core (4)."""
+    r = np.linalg.norm(np.indices((240, 240, 155)) - np.array([150, 130, 80])[:, None, None, None],
+                       axis=0)
+    return np.where(r <= 6, 4, np.where(r <= 12, 2, 0)).astype(np.uint8)
+
+
+def _move(volume: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """``volume`` on the grid turned 10, -6 and 12 degrees, moved (6, -9, 4) mm and resampled
+    to 0.9 x 0.9 x 5 mm voxels on axes tilted 5 degrees: (array, affine)."""
+    image = R.to_sitk(volume, R.GRID_AFFINE)
     move = sitk.Euler3DTransform()
-    move.SetCenter(head.TransformContinuousIndexToPhysicalPoint(
-        [s / 2 for s in head.GetSize()]))
+    move.SetCenter(image.TransformContinuousIndexToPhysicalPoint(
+        [s / 2 for s in image.GetSize()]))
     move.SetRotation(*np.deg2rad([10.0, -6.0, 12.0]))
     move.SetTranslation((6.0, -9.0, 4.0))
     tilt = sitk.Euler3DTransform()
     tilt.SetRotation(0.0, 0.0, np.deg2rad(5.0))
     direction = np.array(tilt.GetMatrix()).reshape(3, 3)
-    centre = np.array(move.GetCenter())
     extent = np.array(NATIVE_SPACING) * (np.array(NATIVE_SIZE) - 1)
-    origin = centre - direction @ (extent / 2)
-    native = sitk.Resample(head, NATIVE_SIZE, move, sitk.sitkLinear, origin.tolist(),
-                           NATIVE_SPACING, direction.ravel().tolist(), 0.0, sitk.sitkFloat32)
-    array, affine = R.from_sitk(native)
-    path = tmp_path_factory.mktemp("off-grid") / "head_t1c.nii.gz"
-    # Stored as a scanner would: LAS voxel order, integers.
-    nib.save(nib.Nifti1Image(np.rint(array[::-1] * 4).astype(np.int16),
-                             affine @ np.array([[-1, 0, 0, array.shape[0] - 1], [0, 1, 0, 0],
-                                                [0, 0, 1, 0], [0, 0, 0, 1]])), path)
-    return path
+    origin = np.array(move.GetCenter()) - direction @ (extent / 2)
+    native = sitk.Resample(image, NATIVE_SIZE, move,
+                           sitk.sitkNearestNeighbor if order == 0 else sitk.sitkLinear,
+                           origin.tolist(), NATIVE_SPACING, direction.ravel().tolist(), 0.0,
+                           image.GetPixelID())
+    return R.from_sitk(native)
 
 
-def test_an_off_grid_head_comes_back_onto_the_grid(off_grid, tmp_path):
-    src = read_nifti(off_grid)
+def _save_las(array: np.ndarray, affine: np.ndarray, path, dtype) -> None:
+    """Stored as a scanner might: LAS voxel order, integers."""
+    flip = np.array([[-1, 0, 0, array.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(array[::-1].astype(dtype), affine @ flip), path)
+
+
+@pytest.fixture(scope="module")
+def off_grid(tmp_path_factory) -> Case:
+    """A patient folder whose T1-Gd is the head moved off the grid (``_move``), and its label
+    map moved the same way."""
+    folder = tmp_path_factory.mktemp("off-grid") / "HEAD_0"
+    folder.mkdir()
+    array, affine = _move(_head(), order=1)
+    _save_las(np.rint(array * 4), affine, folder / "HEAD_0_t1ce.nii.gz", np.int16)
+    labels, affine = _move(_blob(), order=0)
+    _save_las(labels, affine, folder / "HEAD_0_seg.nii.gz", np.uint8)
+    return Case(pid="HEAD_0", folder=folder, group="", t1ce=folder / "HEAD_0_t1ce.nii.gz",
+                seg=folder / "HEAD_0_seg.nii.gz")
+
+
+def test_an_off_grid_head_comes_back_onto_the_grid(off_grid):
+    src = read_nifti(off_grid.t1ce)
     assert not P.in_model_space(src.array, src.affine)
-    out = P.preprocess_file(off_grid, tmp_path / "out_t1ce.nii.gz")
-    written = read_nifti(tmp_path / "out_t1ce.nii.gz")
-    assert written.array.shape == (240, 240, 155)
-    np.testing.assert_allclose(written.affine, R.GRID_AFFINE)
-    np.testing.assert_array_equal(written.array, out.image)
+    vols = P.load_case_in_model_space(off_grid)  # what indexing does
+    assert vols.image.shape == (240, 240, 155)
+    np.testing.assert_allclose(vols.affine, R.GRID_AFFINE)
     atlas = R.load_atlas()
-    assert dice(written.array > 0, atlas.brain) > 0.9
-    assert np.corrcoef(written.array[atlas.brain], atlas.t1[atlas.brain])[0, 1] > 0.8
-    assert out.image.max() == 1.0 and out.image.min() == 0.0
-    assert P.in_model_space(out.image, out.affine)  # preprocessing twice changes nothing
+    assert dice(vols.image > 0, atlas.brain) > 0.9
+    both = (vols.image > 0) & atlas.brain
+    assert np.corrcoef(vols.image[both], atlas.t1[both])[0, 1] > 0.8
+    assert vols.image.max() == 1.0 and vols.image.min() == 0.0
+    assert P.in_model_space(vols.image, vols.affine)  # preprocessing twice changes nothing
+    blob = _blob()
+    assert set(np.unique(vols.seg)) == {0, 2, 4}
+    assert dice(vols.seg > 0, blob > 0) > 0.8
 
 
 def test_a_volume_in_brats_space_is_left_untouched(tmp_path):
@@ -89,12 +113,16 @@ def test_a_volume_in_brats_space_is_left_untouched(tmp_path):
     out = P.to_model_space(atlas.t1, R.GRID_AFFINE)
     assert out.transform is None
     np.testing.assert_array_equal(out.image, np.clip(atlas.t1 / out.scale, 0, 1))
-    # The same volume as BraTS stores it (LPS voxel order, another origin) reads as untouched.
-    path = tmp_path / "x_t1ce.nii.gz"
-    nib.save(P.to_brats_storage(atlas.t1), path)
-    vol = read_nifti(path)
-    assert P.on_grid(nib.load(path).shape, nib.load(path).affine)
-    assert P.to_model_space(vol.array, vol.affine).transform is None
+    # The same volume as BraTS stores it (LPS voxel order, another origin): `cbir preprocess`
+    # writes it back unchanged but for rule 2.
+    src = tmp_path / "x_t1ce.nii.gz"
+    nib.save(P.to_brats_storage(atlas.t1), src)
+    assert P.on_grid(nib.load(src).shape, nib.load(src).affine)
+    assert P.preprocess_file(src, tmp_path / "out.nii.gz").transform is None
+    written = nib.load(tmp_path / "out.nii.gz")
+    np.testing.assert_array_equal(written.affine, nib.load(src).affine)
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), P.to_brats_storage(
+        out.image).get_fdata(dtype=np.float32))
 
 
 @pytest.mark.parametrize("change", ["skull background", "1.2 mm voxels", "oblique", "shape"])
@@ -113,7 +141,7 @@ def test_the_rule_refuses_what_is_not_brats_space(change):
 
 
 def test_an_upload_is_preprocessed_unless_asked_not_to(off_grid):
-    data = off_grid.read_bytes()
+    data = off_grid.t1ce.read_bytes()
     as_is = decode_query(data, preprocess=False)
     assert (as_is.slice, as_is.slice_count) == (20, 40)
     on_grid = decode_query(data, slice_index=80, preprocess=True)
