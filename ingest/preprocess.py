@@ -11,8 +11,8 @@ Steps, in order (``to_model_space``):
    (``ingest.registration``): rigid by default, as the BraTS protocol does it (the BrainLesion
    preprocessing that made BraTS-space volumes registers to SRI24 rigidly: a brain keeps its
    size and shape), then affine only with ``affine=True``. Measured on the real case
-   (``bench/preprocess_real.py``, for measuring only): brain-mask Dice 0.958 rigid, 0.946 with
-   the affine stage, which scales the brain to the atlas's size. No deformable stage: it
+   (``bench/preprocess_real.py``, for measuring only): brain-mask Dice 0.955 rigid, 0.943 with
+   the affine stage, which scales the brain toward the atlas's size. No deformable stage: it
    cannot do better than rigid against a rigid reference, and it would bend the lesion.
 5. The original scan (not the 1 mm copy: one interpolation only) is resampled onto the
    240 x 240 x 155 grid through that transform (linear); the brain mask (linear, > 0.5) sets

@@ -2,7 +2,7 @@
 
 The volume moved off the grid is the SRI24 brain the grid is defined by, not a synthetic
 phantom: phantoms sit where ``GRID_TO_MNI`` puts the MNI template, whose brain holds 1.3 times
-the SRI24 brain's voxels and lies about 6 mm anterior and 5 mm superior of it
+the SRI24 brain's voxels and lies about 6 mm off it, anterior and superior
 (``bench/preprocess_real.py`` prints the figures), so registering one to SRI24 rightly moves it,
 and its own placement could not be the answer.
 """
