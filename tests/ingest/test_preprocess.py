@@ -17,8 +17,8 @@ from scipy import ndimage as ndi
 
 from ingest import preprocess as P
 from ingest import registration as R
+from ingest.layouts import Case
 from model.data import preprocess
-from model.data.brats import Case
 from model.data.nifti import read_nifti
 from service.uploads import decode_query
 
@@ -87,8 +87,8 @@ def off_grid(tmp_path_factory) -> Case:
     _save_las(np.rint(array * 4), affine, folder / "HEAD_0_t1ce.nii.gz", np.int16)
     labels, affine = _move(_blob(), order=0)
     _save_las(labels, affine, folder / "HEAD_0_seg.nii.gz", np.uint8)
-    return Case(pid="HEAD_0", folder=folder, group="", t1ce=folder / "HEAD_0_t1ce.nii.gz",
-                seg=folder / "HEAD_0_seg.nii.gz")
+    return Case(pid="HEAD_0", folder=folder, layout="brats2020", cohort="off-grid",
+                t1ce=folder / "HEAD_0_t1ce.nii.gz", seg=folder / "HEAD_0_seg.nii.gz")
 
 
 def test_an_off_grid_head_comes_back_onto_the_grid(off_grid):
