@@ -29,6 +29,11 @@ the world axes (no rotation or shear), and at least half of its voxels are exact
 background of a skull-stripped BraTS volume; a head with skull fills most of any grid with
 non-zero noise). The origin is not checked: BraTS releases, the SRI24 files and our synthetic
 cohorts each write a different one for the same grid.
+
+**What is brought there** (``needs_preprocessing``), by indexing and uploads alike: a volume
+outside the model's space that can hold a head, at least ``MIN_EXTENT_MM`` (100 mm) along each
+axis. A smaller one (a slab, a crop, a test's 48 mm miniature) cannot be registered to a whole
+brain and is used as it is, as before this package existed; ``cbir preprocess`` refuses it.
 """
 
 from __future__ import annotations
@@ -92,6 +97,20 @@ def on_grid(shape: tuple[int, ...], affine: np.ndarray) -> bool:
     return tuple(shape[list(world).index(w)] for w in range(3)) == GRID_SHAPE
 
 
+def holds_a_head(shape: tuple[int, ...], affine: np.ndarray) -> bool:
+    """At least ``MIN_EXTENT_MM`` along each axis: enough field of view to register a brain."""
+    return bool(np.min(_extent(shape, affine)) >= MIN_EXTENT_MM)
+
+
+def _extent(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    return np.array(shape[:3]) * np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+def needs_preprocessing(array: np.ndarray, affine: np.ndarray) -> bool:
+    """The module docstring's "what is brought there"."""
+    return holds_a_head(np.shape(array), affine) and not in_model_space(array, affine)
+
+
 def in_model_space(array: np.ndarray, affine: np.ndarray) -> bool:
     """The documented rule (module docstring)."""
     if not on_grid(np.shape(array), affine):
@@ -137,7 +156,7 @@ def to_model_space(array: np.ndarray, affine: np.ndarray,
             scale=scale,
             others={k: preprocess.normalize_intensity(a) for k, (a, _) in (others or {}).items()},
             labels=labels, seconds=time.perf_counter() - started)
-    extent = np.array(array.shape) * np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    extent = _extent(array.shape, affine)
     if extent.min() < MIN_EXTENT_MM:
         raise ValueError(f"the volume covers {' x '.join(f'{e:.0f}' for e in extent)} mm, less "
                          f"than the {MIN_EXTENT_MM:.0f} mm a head needs along each axis: it "
@@ -179,16 +198,19 @@ def _finish(on_grid: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def load_case_in_model_space(case: Case) -> CaseVolumes:
-    """``brats.load_case`` for indexing (image and labels), with a T1-Gd that is not in the
-    model's space brought there first and its label map carried along.
+    """``ingest.volumes.load_case`` for indexing (image and labels), with a T1-Gd that needs it
+    (``needs_preprocessing``) brought to the model's space first, its label map carried along.
 
     Raises ``VolumeError`` for an unreadable file, ``ValueError`` when preprocessing fails.
     """
-    header = nib.load(case.t1ce)
+    try:
+        header = nib.load(case.t1ce)
+    except Exception:  # nibabel raises many types; load_case names the file and the problem
+        return load_case(case, with_healthy=False, with_anatomy=False)
     shape = header.shape[:3] if case.channel is not None else header.shape  # 4-D: one channel
-    if on_grid(shape, header.affine):
+    if on_grid(shape, header.affine) or not holds_a_head(shape, header.affine):
         vols = load_case(case, with_healthy=False, with_anatomy=False)
-        if in_model_space(vols.image, vols.affine):  # the background test needs the voxels
+        if not needs_preprocessing(vols.image, vols.affine):  # the background test needs voxels
             return vols
     image = read_nifti(case.t1ce, channel=case.channel)
     seg = None

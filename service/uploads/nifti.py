@@ -6,9 +6,9 @@ stream is inflated to that length and one byte further: a stream that goes on is
 before anything more is inflated, one that ends early is refused as truncated (422). The slice
 then goes through the same steps an indexed volume does (``model.data.preprocess`` rules 1 to 4).
 
-With ``preprocess`` (the API's default), a volume not already in the model's space (the rule of
-``ingest.preprocess.in_model_space``) is first brought there by ``ingest.preprocess``: skull
-stripping and registration to the 240 x 240 x 155 BraTS grid, as ``cbir preprocess`` does;
+With ``preprocess`` (the API's default), a volume that needs it (``ingest.preprocess``'s rule:
+outside the model's space and large enough to hold a head) is first brought to the model's space:
+skull stripping and registration to the 240 x 240 x 155 BraTS grid, as ``cbir preprocess`` does;
 ``slice`` then counts the grid's axial slices.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-from ingest.preprocess import in_model_space, to_model_space
+from ingest.preprocess import needs_preprocessing, to_model_space
 from model.data import preprocess
 from model.data.nifti import reorient_to_ras
 from service.uploads.base import (
@@ -216,7 +216,7 @@ def _nifti_volume_slice(data: bytes, layout: _NiftiLayout, slice_index: int | No
     except Exception as exc:  # nibabel raises many types for a bad header or data
         raise UploadError(f"unreadable NIfTI file ({type(exc).__name__}: {exc})") from exc
     np.nan_to_num(volume, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    if preprocess_volume and volume.max() > 0 and not in_model_space(volume, ras.affine):
+    if preprocess_volume and volume.max() > 0 and needs_preprocessing(volume, ras.affine):
         try:
             volume = to_model_space(volume, ras.affine).image
         except ValueError as exc:

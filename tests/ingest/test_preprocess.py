@@ -138,6 +138,15 @@ def test_the_rule_refuses_what_is_not_brats_space(change):
     else:
         vol = vol[:, :, :150]
     assert not P.in_model_space(vol, affine)
+    assert P.needs_preprocessing(vol, affine)
+
+
+def test_a_volume_too_small_to_hold_a_head_is_used_as_it_is():
+    slab = R.load_atlas().t1[60:180, 60:180, 70:80]  # 120 x 120 x 10 mm
+    assert not P.holds_a_head(slab.shape, R.GRID_AFFINE)
+    assert not P.needs_preprocessing(slab, R.GRID_AFFINE)
+    with pytest.raises(ValueError, match="120 x 120 x 10 mm, less than the 100 mm"):
+        P.to_model_space(slab, R.GRID_AFFINE)
 
 
 def test_an_upload_is_preprocessed_unless_asked_not_to(off_grid):

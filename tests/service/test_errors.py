@@ -63,8 +63,7 @@ def test_bad_upload_gets_its_4xx_and_message(client, what, data, status, words):
 
 
 def test_nifti_slice_out_of_range(client):
-    r = client.post("/search?slice=10&preprocess=false",
-                    files={"file": ("v.nii.gz", nifti_bytes(_volume()))})
+    r = client.post("/search?slice=10", files={"file": ("v.nii.gz", nifti_bytes(_volume()))})
     assert r.status_code == 422
     assert "slice 10 is out of range: the volume has 10 axial slices (0..9)" in _detail(r)
 
