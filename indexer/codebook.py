@@ -27,9 +27,9 @@ IVFPQ packs at most 8 bits per code): it is searched on the CPU.
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
+from indexer.faiss_lib import faiss
 from indexer.layout import CODE_DIM, DIMS, POSITIONS
 
 STORED = ("normal", "abnormal")  # the spaces stored; concat is read from both (``ConcatScan``)

@@ -32,10 +32,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from indexer import codebook
+from indexer.faiss_lib import faiss
 from indexer.layout import DIMS, SPACES, space_vectors
 from model.atomic import atomic_write
 

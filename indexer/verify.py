@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
 import numpy as np
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
@@ -19,6 +18,7 @@ from indexer.catalog import (
     open_catalog,
     read_slice_arrays,
 )
+from indexer.faiss_lib import faiss
 from indexer.layout import DIMS, LAYOUT_VERSION, SPACES, space_vectors
 from model.checkpoint import CheckpointError, load_model
 

@@ -2,13 +2,14 @@
 
 The model reads axial slices of volumes on the BraTS/SRI24 grid: 240 x 240 x 155 voxels of
 1 mm, in RAS+ order (``model.data.nifti``). ``to_model_space`` is what the upload route, the
-indexer and the PACS pull ask for "this volume, in the model's space". For now it accepts a
-volume already on that grid and refuses any other with the shape and spacing it has;
-registration to the grid (issue 21, part 1) replaces its body, not its callers.
+indexer and the PACS pull ask for "this volume, in the model's space": a volume already on that
+grid is used as it is; a head volume elsewhere (native space, skull) is skull-stripped and
+registered there by ``ingest.preprocess``; anything else is refused with its shape and spacing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,21 +28,32 @@ class NotInModelSpace(ValueError):
 
 
 def to_model_space(volume: Volume) -> Volume:
-    """``volume`` (RAS+) on the model's grid, or ``NotInModelSpace`` naming its shape/spacing."""
+    """``volume`` (RAS+) on the model's grid: as it is when it lies there already, registered
+    there (``ingest.preprocess``) when it holds a head elsewhere, else ``NotInModelSpace``
+    naming its shape and spacing."""
+    from ingest import preprocess
+
     shape = tuple(int(n) for n in volume.array.shape)
     zooms = volume.zooms
     axes = np.abs(volume.affine[:3, :3]) > SPACING_ATOL_MM
     on_grid = (shape == MODEL_SHAPE
                and all(abs(z - MODEL_SPACING_MM) <= SPACING_ATOL_MM for z in zooms)
                and (axes.sum(axis=0) == 1).all())  # axis-aligned: no rotation to resample
-    if not on_grid:
+    if on_grid:
+        return volume
+    described = (f"a {'x'.join(map(str, shape))} volume at "
+                 f"{' x '.join(f'{z:.3g}' for z in zooms)} mm")
+    if not preprocess.holds_a_head(shape, volume.affine):
         raise NotInModelSpace(
-            f"a {'x'.join(map(str, shape))} volume at "
-            f"{' x '.join(f'{z:.3g}' for z in zooms)} mm is not on the model's grid "
-            f"({'x'.join(map(str, MODEL_SHAPE))} voxels at {MODEL_SPACING_MM:g} mm, axis-aligned, "
-            f"the BraTS/SRI24 layout); registration to that grid is not available yet, so "
-            f"send a volume already preprocessed to it")
-    return volume
+            f"{described} is not on the model's grid ({'x'.join(map(str, MODEL_SHAPE))} voxels "
+            f"at {MODEL_SPACING_MM:g} mm, axis-aligned, the BraTS/SRI24 layout) and covers too "
+            f"little to hold a head to register there (at least {preprocess.MIN_EXTENT_MM:.0f} "
+            f"mm along each axis)")
+    try:
+        moved = preprocess.to_model_space(volume.array, volume.affine)
+    except ValueError as exc:
+        raise NotInModelSpace(f"{described}: {exc}") from exc
+    return dataclasses.replace(volume, array=moved.image, affine=moved.affine)
 
 
 @dataclass(frozen=True)

@@ -538,6 +538,8 @@ def serve(
 
 
 from service.cli_eval import eval_command  # noqa: E402, I001
+from service.cli_preprocess import preprocess_command  # noqa: E402, I001
 app.command("eval")(eval_command)
+app.command("preprocess")(preprocess_command)
 if __name__ == "__main__":
     app()

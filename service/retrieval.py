@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 from PIL import Image
@@ -28,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from indexer import store
 from indexer.catalog import active_build, open_catalog
+from indexer.faiss_lib import faiss
 from indexer.layout import DIMS, LAYOUT_VERSION, SPACES, position_distances, space_vectors
 from indexer.reference import COLUMNS, Reference, codebook_tables
 from model.data.render import SEG_PALETTE, grey_rgb, overlay

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from indexer.build import encode_slices
+from indexer.faiss_lib import faiss
 from model.data.brats import ANATOMY_LABELS
 from service.evaluation import figures, metrics
 from service.evaluation.cohorts import (

@@ -7,7 +7,8 @@ The kind is sniffed from the bytes, never trusted from a name or a content type:
   is, so a 12-bit export in a 16-bit PNG or a dark 8-bit export becomes the same query.
 - NIfTI-1/2, plain or gzipped: the same steps an indexed volume goes through (RAS+ reorientation,
   per-volume intensity scale, radiological axial slice, centre fit); ``slice`` picks the axial
-  slice, the middle one by default.
+  slice, the middle one by default. With ``preprocess``, a volume not in the model's space is
+  skull-stripped and registered to the BraTS grid first (``ingest.preprocess``).
 - A .zip (``PK\\x03\\x04``) holding one DICOM series (``series.py``): read within bounds on
   members and inflated size, the series picked and placed by ``ingest.dicom``, brought to the
   model's space by ``ingest.cases.to_model_space``, then the NIfTI steps.
@@ -74,11 +75,14 @@ def sniff(data: bytes) -> str:
 
 
 def decode_query(data: bytes, slice_index: int | None = None, limits: Limits | None = None,
-                 budget: DecodeBudget | None = None, series_uid: str | None = None) -> QuerySlice:
+                 budget: DecodeBudget | None = None, series_uid: str | None = None,
+                 preprocess: bool = False) -> QuerySlice:
     """Turn uploaded bytes into the query slice, or raise an ``UploadError`` naming the problem.
 
     ``budget``, when given, bounds the memory of this decode together with every other one.
     ``series_uid`` picks the series of a .zip holding several (default: the T1-Gd rule).
+    ``preprocess`` brings a NIfTI volume that is not in the model's space there first
+    (``ingest.preprocess``); the API passes its ``preprocess`` option, true by default.
     """
     limits = limits or Limits()
     if not data:
@@ -87,7 +91,7 @@ def decode_query(data: bytes, slice_index: int | None = None, limits: Limits | N
     if kind in ("png", "jpeg"):
         query = image_slice(data, kind, slice_index, limits, budget)
     elif kind in ("gzip", "nifti"):
-        query = nifti_slice(data, kind == "gzip", slice_index, limits, budget)
+        query = nifti_slice(data, kind == "gzip", slice_index, limits, budget, preprocess)
     elif kind == "zip":
         query = series_slice(data, slice_index, limits, budget, series_uid)
     else:

@@ -5,6 +5,11 @@ per voxel and data offset, so the whole file's length is known before the rest i
 stream is inflated to that length and one byte further: a stream that goes on is refused (413)
 before anything more is inflated, one that ends early is refused as truncated (422). The slice
 then goes through the same steps an indexed volume does (``model.data.preprocess`` rules 1 to 4).
+
+With ``preprocess`` (the API's default), a volume that needs it (``ingest.preprocess``'s rule:
+outside the model's space and large enough to hold a head) is first brought to the model's space:
+skull stripping and registration to the 240 x 240 x 155 BraTS grid, as ``cbir preprocess`` does;
+``slice`` then counts the grid's axial slices.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
+from ingest.preprocess import needs_preprocessing, to_model_space
 from model.data.nifti import reorient_to_ras
 from service.uploads.base import (
     GZIP_MAGIC,
@@ -170,7 +176,7 @@ def _check_voxels(layout: _NiftiLayout, limits: Limits) -> None:
 
 
 def nifti_slice(data: bytes, gzipped: bool, slice_index: int | None, limits: Limits,
-                 budget: DecodeBudget | None) -> QuerySlice:
+                 budget: DecodeBudget | None, preprocess_volume: bool = False) -> QuerySlice:
     if gzipped:
         inflater = _Inflater(data)
         head = inflater.read(HEAD)
@@ -179,7 +185,7 @@ def nifti_slice(data: bytes, gzipped: bool, slice_index: int | None, limits: Lim
         with reserve(budget, 2 * layout.length + BYTES_PER_VOXEL * layout.voxels,
                       "the NIfTI volume"):
             raw = _inflate_rest(inflater, head, layout)
-            return _nifti_volume_slice(raw, layout, slice_index)
+            return _nifti_volume_slice(raw, layout, slice_index, preprocess_volume)
     layout = _nifti_layout(data)
     _check_voxels(layout, limits)
     if layout.length > len(data):
@@ -187,10 +193,11 @@ def nifti_slice(data: bytes, gzipped: bool, slice_index: int | None, limits: Lim
                           f"the data is shorter")
     with reserve(budget, layout.length + BYTES_PER_VOXEL * layout.voxels,
                   "the NIfTI volume"):
-        return _nifti_volume_slice(data, layout, slice_index)
+        return _nifti_volume_slice(data, layout, slice_index, preprocess_volume)
 
 
-def _nifti_volume_slice(data: bytes, layout: _NiftiLayout, slice_index: int | None) -> QuerySlice:
+def _nifti_volume_slice(data: bytes, layout: _NiftiLayout, slice_index: int | None,
+                        preprocess_volume: bool = False) -> QuerySlice:
     shape = layout.shape
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -204,7 +211,15 @@ def _nifti_volume_slice(data: bytes, layout: _NiftiLayout, slice_index: int | No
         img = cls.from_bytes(data)
         if len(img.shape) == 4:
             img = img.slicer[..., 0]
-        volume = np.asanyarray(reorient_to_ras(img).dataobj, dtype=np.float32)
+        ras = reorient_to_ras(img)
+        volume = np.asanyarray(ras.dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises many types for a bad header or data
         raise UploadError(f"unreadable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    np.nan_to_num(volume, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    if preprocess_volume and volume.max() > 0 and needs_preprocessing(volume, ras.affine):
+        try:
+            volume = to_model_space(volume, ras.affine).image
+        except ValueError as exc:
+            raise UploadError(f"NIfTI volume: {exc}; send preprocess=false to use the volume "
+                              f"as it is") from exc
     return volume_slice(volume, slice_index, "nifti")

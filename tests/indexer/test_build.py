@@ -13,7 +13,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import nibabel as nib
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ import indexer.verify as verify_module
 from indexer import store
 from indexer.build import DEFAULT_CHECKPOINT, Indexer, codebooks_of, encode_slices
 from indexer.catalog import Patient, Slice, active_build, decode_codes, make_engine
+from indexer.faiss_lib import faiss
 from indexer.layout import DIMS, SPACES, space_vectors
 from indexer.reference import Reference
 from indexer.store import IndexStoreError

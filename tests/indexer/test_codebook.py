@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 
-import faiss
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -19,6 +18,7 @@ from fastapi.testclient import TestClient
 from indexer import codebook, store
 from indexer.build import Indexer, codebooks_of
 from indexer.catalog import decode_codes
+from indexer.faiss_lib import faiss
 from indexer.layout import DIMS, POSITIONS, SPACES, space_vectors
 from indexer.verify import stats, verify
 from model.checkpoint import load_model

@@ -79,6 +79,11 @@ WeightingQ = Annotated[Literal["balanced", "plain"], Query(
                 "summed, so that anatomy and lesion count alike; plain: the paper's L2 in the "
                 "concat space, where a lesion code's larger norm decides.")]
 
+PreprocessQ = Annotated[bool, Query(
+    description="A NIfTI volume not already in the model's space (240 x 240 x 155 at 1 mm, "
+                "skull-stripped) is skull-stripped and registered to it first, as `cbir "
+                "preprocess` does (about 10 s); false: use the volume as it is.")]
+
 _UPLOAD_STATUS = ((EmptyUpload, 400), (UnsupportedUpload, 415), (UploadTooLarge, 413))
 
 
@@ -136,7 +141,8 @@ async def _read(upload: UploadFile) -> bytes:
 
 
 def _decode(request: Request, data: bytes, slice_index: int | None, settings: Settings,
-            timings: Timings, field: str, series: str | None = None) -> QuerySlice:
+            timings: Timings, field: str, series: str | None = None,
+            preprocess: bool = True) -> QuerySlice:
     limits = Limits(max_image_pixels=settings.max_image_pixels,
                     max_volume_voxels=settings.max_volume_voxels,
                     max_zip_members=settings.max_zip_members,
@@ -144,7 +150,7 @@ def _decode(request: Request, data: bytes, slice_index: int | None, settings: Se
     with timings.stage("decode"):
         try:
             return decode_query(data, slice_index, limits, request.app.state.decode_budget,
-                                series)
+                                series, preprocess=preprocess)
         except UploadError as exc:
             raise _upload_error(exc, field) from None
         except DecoderBusy as exc:
@@ -191,6 +197,7 @@ async def search(
     file: Annotated[UploadFile, File(description=UPLOAD_HELP)],
     space: SpaceQ = "normal", k: KQ = 10, slice: SliceQ = None, series: SeriesQ = None,
     exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None, group: GroupQ = "patient",
+    preprocess: PreprocessQ = True,
 ) -> SearchResponse:
     """The k indexed slices nearest to the upload's code in `space`, with the query's
     reconstruction, pseudo-normal (lesion removed) and predicted segmentation.
@@ -206,7 +213,7 @@ async def search(
     request.state.timings = timings.seconds
 
     def work() -> SearchResponse:
-        query = _decode(request, data, slice, settings, timings, "file", series)
+        query = _decode(request, data, slice, settings, timings, "file", series, preprocess)
         drawn = retrieval.draw(query.image, timings)
         lesion = bool(drawn.labels.any())
         hits = _search(retrieval, space, drawn.codes, k, timings,
@@ -246,7 +253,7 @@ async def compose(
     k: KQ = 10, normal_slice: SliceQ = None, abnormal_slice: SliceQ = None,
     normal_series: SeriesQ = None, abnormal_series: SeriesQ = None,
     exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None, group: GroupQ = "patient",
-    weighting: WeightingQ = "balanced",
+    weighting: WeightingQ = "balanced", preprocess: PreprocessQ = True,
 ) -> ComposeResponse:
     """The normal code of `normal` joined with the abnormal code of `abnormal`, searched in the
     concat space, and the image the decoder draws from that pair with its predicted lesion.
@@ -263,9 +270,9 @@ async def compose(
 
     def work() -> ComposeResponse:
         nq = _decode(request, normal_data, normal_slice, settings, timings, "normal",
-                     normal_series)
+                     normal_series, preprocess)
         aq = _decode(request, abnormal_data, abnormal_slice, settings, timings, "abnormal",
-                     abnormal_series)
+                     abnormal_series, preprocess)
         nd = retrieval.draw(nq.image, timings)
         ad = retrieval.draw(aq.image, timings)
         pair = Codes(normal=nd.codes.normal, abnormal=ad.codes.abnormal)
