@@ -1,6 +1,7 @@
 """False alarms and detections of the not-a-brain-MRI rules (``service/uploads/sanity.py``).
 
-    python -m bench.nonbrain --synth /tmp/syn [--real /work/shared/real] [--index DIR]
+    python -m bench.nonbrain --synth /tmp/syn [--synth ...] [--real /work/shared/real] \
+        [--index DIR]
 
 Brain slices (false alarms): every axial slice with brain of a synthetic cohort (``cbir synth``)
 and of the real BraTS-space case, each both as a volume slice (a NIfTI upload) and as its own PNG
@@ -178,12 +179,16 @@ def raw_slices(root: Path) -> list[np.ndarray]:
 
 # -- the run ------------------------------------------------------------------------------------
 
-def groups(synth: Path, real: Path | None) -> dict[str, tuple[str, list[np.ndarray]]]:
+def groups(synth: list[Path], real: Path | None) -> dict[str, tuple[str, list[np.ndarray]]]:
     """name -> (kind: brain or other, images)."""
     out: dict[str, tuple[str, list[np.ndarray]]] = {}
-    vols = list(_volumes(synth))
-    out["synthetic axial"] = ("brain", [s for _, v in vols for s in axial(v)])
-    out["synthetic axial, PNG"] = ("brain", [as_png(s) for s in out["synthetic axial"][1]])
+    vols = []
+    for root in synth:
+        cohort = list(_volumes(root))
+        vols += cohort
+        name = f"synthetic axial ({root.name})"
+        out[name] = ("brain", [s for _, v in cohort for s in axial(v)])
+        out[name + ", PNG"] = ("brain", [as_png(s) for s in out[name][1]])
     if real is not None:
         real_vols = list(_volumes(real / "brats-space"))
         out["real axial"] = ("brain", [s for _, v in real_vols for s in axial(v)])
@@ -210,7 +215,8 @@ def _pct(x: int, n: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--synth", type=Path, required=True, help="a `cbir synth` cohort")
+    parser.add_argument("--synth", type=Path, required=True, action="append",
+                        help="a `cbir synth` cohort (repeatable)")
     parser.add_argument("--real", type=Path, default=None,
                         help="folder holding brats-space/ and raw/ (the shared real case)")
     parser.add_argument("--index", type=Path, default=None,

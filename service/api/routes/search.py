@@ -39,6 +39,7 @@ from service.uploads import (
     UploadError,
     UploadTooLarge,
     decode_query,
+    sanity,
 )
 
 router = APIRouter(tags=["search"])
@@ -72,6 +73,13 @@ WeightingQ = Annotated[Literal["balanced", "plain"], Query(
     description="balanced: each half's squared distance over its typical best-match distance, "
                 "summed, so that anatomy and lesion count alike; plain: the paper's L2 in the "
                 "concat space, where a lesion code's larger norm decides.")]
+
+StrictQ = Annotated[bool, Query(
+    description="false (default): an image that does not look like an axial, skull-stripped "
+                "brain MRI slice in the model's space (other anatomy, an X-ray or photograph, a "
+                "coronal or sagittal cut, noise, a head with skull) is searched and the answer "
+                "says what is wrong in `warnings`; true: it is refused with 422 and `detail` "
+                "says what is wrong.")]
 
 _UPLOAD_STATUS = ((EmptyUpload, 400), (UnsupportedUpload, 415), (UploadTooLarge, 413))
 
@@ -129,17 +137,40 @@ async def _read(upload: UploadFile) -> bytes:
 
 
 def _decode(request: Request, data: bytes, slice_index: int | None, settings: Settings,
-            timings: Timings, field: str) -> QuerySlice:
+            timings: Timings, field: str, strict: bool) -> tuple[QuerySlice, str | None]:
+    """The query slice and, before the model sees it, the image rules' warning (``sanity``):
+    refused with 422 instead when ``strict``."""
     limits = Limits(max_image_pixels=settings.max_image_pixels,
                     max_volume_voxels=settings.max_volume_voxels)
     with timings.stage("decode"):
         try:
-            return decode_query(data, slice_index, limits, request.app.state.decode_budget)
+            query = decode_query(data, slice_index, limits, request.app.state.decode_budget)
         except UploadError as exc:
             raise _upload_error(exc, field) from None
         except DecoderBusy as exc:
             raise HTTPException(503, detail=f"{field}: {exc}; try again shortly",
                                 headers={"Retry-After": "5"}) from None
+        warning = sanity.warning(query.image)
+    if warning and strict:
+        raise HTTPException(422, detail=f"{field}: {warning} (strict=true)")
+    return query, warning
+
+
+def _anatomy_check(retrieval: Retrieval, codes: Codes, lesion: bool, field: str,
+                   strict: bool) -> str | None:
+    """The learned signal beside the image rules: the query's anatomy code is unlike every
+    indexed slice's (``Retrieval.anatomy_unlike``). Searches already read it into their match
+    percentiles and ``far_warning``; a compose's lesion image is checked here, and with
+    ``strict`` any query so flagged is refused."""
+    if not retrieval.anatomy_unlike(codes, lesion):
+        return None
+    text = (f"The {field} image's anatomy is unlike every indexed slice's, farther from the "
+            f"nearest one than indexed patients' slices are from each other: it may not be an "
+            f"axial post-contrast T1 brain slice in the model's space (another body part, "
+            f"orientation or sequence, or a scan not preprocessed like the archive's).")
+    if strict:
+        raise HTTPException(422, detail=f"{field}: {text} (strict=true)")
+    return text
 
 
 def _info(query: QuerySlice, labels: np.ndarray) -> QueryInfo:
@@ -159,10 +190,15 @@ def _search(retrieval: Retrieval, space: str, codes: Codes, k: int, timings: Tim
         raise HTTPException(404, detail=str(exc)) from None
 
 
-def _warnings(retrieval: Retrieval, space: str, hits: list[Hit],
-              lesion: bool | None) -> list[str]:
+def _warnings(retrieval: Retrieval, space: str, hits: list[Hit], lesion: bool | None,
+              *first: str | None) -> list[str]:
+    """The checks' warnings (``first``, those that fired), then the archive's far warning."""
     far = retrieval.far_warning(space, hits, lesion)
-    return [far] if far else []
+    return [w for w in (*first, far) if w]
+
+
+def _donor(field: str, warning: str | None) -> str | None:
+    return f"The {field} image: {warning}" if warning else None
 
 
 @router.post("/search", response_model=SearchResponse, summary="Search by an uploaded slice",
@@ -180,12 +216,15 @@ async def search(
     file: Annotated[UploadFile, File(description=UPLOAD_HELP)],
     space: SpaceQ = "normal", k: KQ = 10, slice: SliceQ = None,
     exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None, group: GroupQ = "patient",
+    strict: StrictQ = False,
 ) -> SearchResponse:
     """The k indexed slices nearest to the upload's code in `space`, with the query's
     reconstruction, pseudo-normal (lesion removed) and predicted segmentation.
 
     Each neighbour carries an 8 x 8 map of how much each code position adds to its distance and
-    its match percentile; `warnings` says when the query lies far from everything indexed.
+    its match percentile; `warnings` says when the upload does not look like an axial brain MRI
+    slice in the model's space, and when it lies far from everything indexed (`strict=true`
+    refuses the first kind, and an anatomy unlike every indexed slice's, with 422).
     """
     _check_k(k, settings)
     _known_patient(retrieval, exclude_patient)
@@ -195,15 +234,18 @@ async def search(
     request.state.timings = timings.seconds
 
     def work() -> SearchResponse:
-        query = _decode(request, data, slice, settings, timings, "file")
+        query, image_warning = _decode(request, data, slice, settings, timings, "file", strict)
         drawn = retrieval.draw(query.image, timings)
         lesion = bool(drawn.labels.any())
+        if strict:  # otherwise the match percentiles and far_warning carry it
+            _anatomy_check(retrieval, drawn.codes, lesion, "file", strict)
         hits = _search(retrieval, space, drawn.codes, k, timings,
                        exclude_patient=exclude_patient, has_abnormality=has_abnormality,
                        group_by_patient=group == "patient", lesion=lesion)
         with timings.stage("render"):
             return SearchResponse(
-                space=space, k=k, group=group, warnings=_warnings(retrieval, space, hits, lesion),
+                space=space, k=k, group=group,
+                warnings=_warnings(retrieval, space, hits, lesion, image_warning),
                 query=_info(query, drawn.labels),
                 image=_data_url(grey_png(query.image)),
                 reconstruction=_data_url(grey_png(drawn.reconstruction)),
@@ -233,7 +275,7 @@ async def compose(
                                                      + UPLOAD_HELP)],
     k: KQ = 10, normal_slice: SliceQ = None, abnormal_slice: SliceQ = None,
     exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None, group: GroupQ = "patient",
-    weighting: WeightingQ = "balanced",
+    weighting: WeightingQ = "balanced", strict: StrictQ = False,
 ) -> ComposeResponse:
     """The normal code of `normal` joined with the abnormal code of `abnormal`, searched in the
     concat space, and the image the decoder draws from that pair with its predicted lesion.
@@ -249,10 +291,17 @@ async def compose(
     request.state.timings = timings.seconds
 
     def work() -> ComposeResponse:
-        nq = _decode(request, normal_data, normal_slice, settings, timings, "normal")
-        aq = _decode(request, abnormal_data, abnormal_slice, settings, timings, "abnormal")
+        nq, normal_warning = _decode(request, normal_data, normal_slice, settings, timings,
+                                     "normal", strict)
+        aq, abnormal_warning = _decode(request, abnormal_data, abnormal_slice, settings,
+                                       timings, "abnormal", strict)
         nd = retrieval.draw(nq.image, timings)
         ad = retrieval.draw(aq.image, timings)
+        if strict:
+            _anatomy_check(retrieval, nd.codes, bool(nd.labels.any()), "normal", strict)
+        # The lesion image's anatomy code takes no part in the search: checked here alone.
+        abnormal_unlike = _anatomy_check(retrieval, ad.codes, bool(ad.labels.any()),
+                                         "abnormal", strict)
         pair = Codes(normal=nd.codes.normal, abnormal=ad.codes.abnormal)
         image, labels = retrieval.draw_pair(pair.normal, pair.abnormal, timings)
         lesion = bool(ad.labels.any())
@@ -264,7 +313,9 @@ async def compose(
             return ComposeResponse(
                 k=k, group=group, weighting=weighting, normal_query=_info(nq, nd.labels),
                 abnormal_query=_info(aq, ad.labels),
-                warnings=_warnings(retrieval, space, hits, lesion),
+                warnings=_warnings(retrieval, space, hits, lesion,
+                                   _donor("normal", normal_warning),
+                                   _donor("abnormal", abnormal_warning), abnormal_unlike),
                 composite_pixels={name: int((labels == value).sum())
                                   for name, value in BRATS_CLASSES.items()},
                 normal_image=_data_url(grey_png(nq.image)),
