@@ -162,7 +162,7 @@ def _anatomy_warning(retrieval: Retrieval, codes: Codes, lesion: bool,
     indexed slice's (``Retrieval.anatomy_unlike``). A search reads it into its match
     percentiles and ``far_warning`` already; a compose's lesion image, whose anatomy code the
     search never reads, is checked here. Advice only, never a refusal: with the shipped model
-    and an 8-patient index it also flags 8 % of synthetic and 21 % of real brain slices
+    and an 8-patient index it also flags 9 % of synthetic and 21 % of real brain slices
     (``bench/nonbrain.py --index``)."""
     if not retrieval.anatomy_unlike(codes, lesion):
         return None
