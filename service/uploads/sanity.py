@@ -271,12 +271,14 @@ def judge(f: Features | None) -> list[Problem]:
             "atlas", "the outline matches no axial cut of the atlas brain the model's space is "
             "registered to (a coronal or sagittal cut, another anatomy, or a scan not "
             "registered to the atlas)"))
-    for plane, table, margin in (("coronal", CORONAL, f.atlas_coronal - f.atlas),
-                                 ("sagittal", SAGITTAL, f.atlas_sagittal - f.atlas)):
-        if _over(table, f.area, margin):
-            found.append(Problem(
-                plane, f"the outline is shaped like a {plane} cut of the brain (it matches the "
-                f"atlas brain's {plane} cuts better than any axial one)"))
+    planes = [(margin, plane) for plane, table, margin in (
+        ("coronal", CORONAL, f.atlas_coronal - f.atlas),
+        ("sagittal", SAGITTAL, f.atlas_sagittal - f.atlas)) if _over(table, f.area, margin)]
+    if planes:  # both may fire: name the plane it resembles most
+        plane = max(planes)[1]
+        found.append(Problem(
+            plane, f"the outline is shaped like a {plane} cut of the brain (it matches the "
+            f"atlas brain's {plane} cuts better than any axial one)"))
     return found
 
 
@@ -286,6 +288,4 @@ def warning(image: np.ndarray) -> str | None:
     if not found:
         return None
     return ("This image does not look like an axial, skull-stripped brain MRI slice in the "
-            "model's space (BraTS/SRI24 grid, 1 mm): " + "; ".join(p.text for p in found)
-            + ". The results below compare it with brain slices regardless; read them with "
-              "caution, or preprocess the scan first.")
+            "model's space (BraTS/SRI24 grid, 1 mm): " + "; ".join(p.text for p in found) + ".")

@@ -152,7 +152,10 @@ def _decode(request: Request, data: bytes, slice_index: int | None, settings: Se
                                 headers={"Retry-After": "5"}) from None
         warning = sanity.warning(query.image)
     if warning and strict:
-        raise HTTPException(422, detail=f"{field}: {warning} (strict=true)")
+        raise HTTPException(422, detail=f"{field}: {warning} Refused because strict=true.")
+    if warning:
+        warning += (" The results compare it with the indexed brain slices regardless: read them "
+                    "with caution, or preprocess the scan first.")
     return query, warning
 
 
