@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ingest.layouts import find_cases
 from model.data import preprocess
-from model.data.brats import find_cases
 from model.data.nifti import read_nifti
 from service.uploads import NotABrainSlice, decode_query
 from service.uploads.sanity import cut, judge, measure

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from ingest.layouts import find_cases
 from model.data import preprocess
-from model.data.brats import find_cases
 from model.data.nifti import read_nifti
 from service.uploads.sanity import cut, problems, warning
 
