@@ -33,7 +33,7 @@ from service.api.routes import health, search, slices, web
 from service.config import Settings
 from service.live import Reloader
 from service.retrieval import Retrieval
-from service.uploads import DecodeBudget
+from service.uploads import DecodeBudget, sanity
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None, retrieval: Retrieval | None = N
             app.state.retrieval = Retrieval.open(
                 settings.index_dir, db_url=settings.db_url, checkpoint=settings.checkpoint,
                 device=settings.device, inference_workers=settings.inference_workers)
+        sanity.atlas_outlines()  # about 2 s, here rather than in the first search
         reloader = app.state.reloader = Reloader(
             get=lambda: app.state.retrieval,
             put=lambda fresh: setattr(app.state, "retrieval", fresh),

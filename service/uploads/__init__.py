@@ -24,7 +24,9 @@ refused. Each decode then reserves its memory from a ``DecodeBudget`` shared by 
 concurrent uploads wait (or are refused) rather than exhaust the host.
 
 Finally the slice must hold brain by the rule indexing skips slices by (at least
-``preprocess.MIN_BRAIN_PIXELS`` pixels > 0) and show some contrast.
+``preprocess.MIN_BRAIN_PIXELS`` pixels > 0) and show some contrast. Whether it looks like an
+axial brain MRI slice in the model's space is asked apart, by ``sanity``: the routes warn (or,
+with ``strict=true``, refuse) on its answer.
 """
 
 from __future__ import annotations

@@ -343,16 +343,21 @@ def test_a_query_far_from_everything_indexed_gets_a_warning(client, monkeypatch)
         assert r.status_code == 200, r.text
         return r.json()
 
+    def far_warnings(body):  # noise also fails the image rules: their warning comes first
+        image, *rest = body["warnings"]
+        assert image.startswith("This image does not look like an axial")
+        return rest
+
     served = client.app.state.retrieval  # the app's own engine, loaded from the same index
     body = search()
     d = body["neighbors"][0]["distance"]
     ref = served.reference
-    assert bool(body["warnings"]) == (body["neighbors"][0]["match_percentile"] == 0)
+    assert bool(far_warnings(body)) == (body["neighbors"][0]["match_percentile"] == 0)
     lesion = body["query"]["predicted_abnormal_pixels"] > 0
-    assert bool(body["warnings"]) == (d > ref.group("normal", lesion)[-1] * (1 + 1e-6))
+    assert bool(far_warnings(body)) == (d > ref.group("normal", lesion)[-1] * (1 + 1e-6))
     far = Reference({s: np.array([d / 8, d / 4, d / 2]) for s in SPACES}, 3)
     monkeypatch.setattr(served, "reference", far)
-    (warning,) = search()["warnings"]
+    (warning,) = far_warnings(search())
     # advice in words, not a ratio
     assert warning.startswith("Nothing in this archive resembles this image closely (its "
                               "anatomy, in the normal space)")
@@ -360,15 +365,76 @@ def test_a_query_far_from_everything_indexed_gets_a_warning(client, monkeypatch)
     assert "x farther" not in warning
     near = Reference({s: np.array([d / 2, d * 2]) for s in SPACES}, 2)
     monkeypatch.setattr(served, "reference", near)
-    assert search()["warnings"] == []
+    assert far_warnings(search()) == []
 
 
-def test_patient_list(client, retrieval):
-    r = client.get("/patients")
-    assert r.status_code == 200
-    listed = r.json()
-    assert [p["patient_id"] for p in listed] == sorted(retrieval.patient_by_external)
-    for p in listed:
-        detail = client.get(f"/patients/{p['patient_id']}").json()
-        assert p["slice_count"] == len(detail["slices"])
-        assert p["lesion_slices"] == sum(bool(x["has_abnormality"]) for x in detail["slices"])
+def _pelvis_png() -> bytes:
+    """An axial pelvis-like section: a wide body outline with two femoral heads."""
+    y, x = np.mgrid[:256, :256]
+    image = np.where(((y - 128) / 80) ** 2 + ((x - 128) / 120) ** 2 <= 1, 0.45, 0.0)
+    for cx in (58, 198):
+        image[(y - 138) ** 2 + (x - cx) ** 2 <= 20 ** 2] = 0.85
+    buf = io.BytesIO()
+    Image.fromarray(np.rint(image * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+NOT_BRAIN = "This image does not look like an axial, skull-stripped brain MRI slice"
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_a_non_brain_image_is_answered_with_a_warning_or_refused(client, indexed_png, space):
+    """Issue 21, part 4: the image rules run before the model, in every space; strict=true
+    turns the warning into a 422 whose detail says what is wrong. A brain slice of the
+    synthetic cohort gets neither."""
+    pelvis = _pelvis_png()
+    r = _post_search(client, pelvis, space=space, k=2)
+    assert r.status_code == 200, r.text
+    (image, *_) = r.json()["warnings"]
+    assert image.startswith(NOT_BRAIN)
+    assert "wider than it is long" in image and "larger than a brain" in image
+    assert r.json()["neighbors"]  # answered all the same
+    r = _post_search(client, pelvis, space=space, k=2, strict="true")
+    assert r.status_code == 422
+    assert r.json()["detail"].startswith("file: " + NOT_BRAIN)
+    for strict in ("false", "true"):
+        r = _post_search(client, indexed_png.read_bytes(), space=space, k=2, strict=strict)
+        assert r.status_code == 200, r.text
+        assert r.json()["warnings"] == []
+
+
+@pytest.mark.parametrize("donor", ["normal", "abnormal"])
+def test_compose_warns_about_either_non_brain_donor(client, indexed_png, donor):
+    brain, pelvis = indexed_png.read_bytes(), _pelvis_png()
+    files = {"normal": ("n.png", brain), "abnormal": ("a.png", brain)}
+    files[donor] = (f"{donor}.png", pelvis)
+    for weighting in ("balanced", "plain"):
+        r = client.post(f"/compose?k=2&weighting={weighting}", files=files)
+        assert r.status_code == 200, r.text
+        warned = [w for w in r.json()["warnings"] if w.startswith(f"The {donor} image: ")]
+        assert len(warned) == 1 and NOT_BRAIN in warned[0], r.json()["warnings"]
+    r = client.post("/compose?k=2&strict=true", files=files)
+    assert r.status_code == 422
+    assert r.json()["detail"].startswith(f"{donor}: {NOT_BRAIN}")
+    r = client.post("/compose?k=2&strict=true",
+                    files={"normal": ("n.png", brain), "abnormal": ("a.png", brain)})
+    assert r.status_code == 200 and r.json()["warnings"] == []
+
+
+def test_an_anatomy_unlike_the_archive_is_advice_in_every_space(client, indexed_png,
+                                                                 monkeypatch):
+    """The learned signal (Retrieval.anatomy_unlike) warns in every space and for a compose's
+    lesion image, whose anatomy code the search never reads; strict=true does not refuse on it
+    alone (it also flags brain slices of patients unlike a small archive's)."""
+    served = client.app.state.retrieval
+    monkeypatch.setattr(type(served), "anatomy_unlike", lambda self, codes, lesion: True)
+    brain = indexed_png.read_bytes()
+    for space in ("abnormal", "concat"):
+        r = _post_search(client, brain, space=space, k=2, strict="true")
+        assert r.status_code == 200, r.text
+        assert [w for w in r.json()["warnings"] if w.startswith("Nothing in this archive")]
+    r = client.post("/compose?k=2&strict=true", files={"normal": ("n.png", brain),
+                                                       "abnormal": ("a.png", brain)})
+    assert r.status_code == 200, r.text
+    assert any(w.startswith("The abnormal image's anatomy is unlike")
+               for w in r.json()["warnings"])
