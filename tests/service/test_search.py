@@ -16,6 +16,9 @@ PNG_PREFIX = "data:image/png;base64,"
 
 
 def _post_search(client, data: bytes, name: str = "q.png", **params):
+    """POST /search; one result per slice (``group=slice``) unless the test says otherwise, so
+    that the invariants below compare with a plain nearest-neighbour search."""
+    params.setdefault("group", "slice")
     query = "&".join(f"{k}={v}" for k, v in params.items())
     return client.post(f"/search?{query}", files={"file": (name, data, "application/octet-stream")})
 
@@ -74,7 +77,7 @@ def test_neighbours_equal_a_brute_force_search(client, retrieval, indexed_slices
     s = indexed_slices[2]
     codes, _ = retrieval.slice_codes(s.slice_id)
     for space in SPACES:
-        r = client.post(f"/slices/{s.slice_id}/similar?space={space}&k=10"
+        r = client.post(f"/slices/{s.slice_id}/similar?space={space}&k=10&group=slice"
                         f"&exclude_own_patient=false")
         assert r.status_code == 200
         query = space_vectors(retrieval.codebooks, codes.normal[None], codes.abnormal[None],
@@ -120,13 +123,14 @@ def test_k_above_what_the_filter_leaves_returns_all_that_is_left(client, retriev
     hits = retrieval.search("abnormal", codes, 10_000, Timings(), exclude_patient=s.patient_id,
                             has_abnormality=True)
     assert len(hits) == left and len({h.slice_id for h in hits}) == left
-    r = client.post(f"/slices/{s.slice_id}/similar?space=abnormal&k=100&has_abnormality=true")
+    r = client.post(f"/slices/{s.slice_id}/similar?space=abnormal&k=100&has_abnormality=true"
+                    f"&group=slice")
     assert len(r.json()["neighbors"]) == min(100, left)
 
 
 def test_plain_compose_with_the_same_image_twice_equals_concat_search(client, indexed_png):
     data = indexed_png.read_bytes()
-    composed = client.post("/compose?k=8&weighting=plain",
+    composed = client.post("/compose?k=8&weighting=plain&group=slice",
                            files={"normal": ("a.png", data), "abnormal": ("b.png", data)})
     searched = _post_search(client, data, space="concat", k=8)
     assert composed.status_code == 200, composed.text
@@ -159,7 +163,7 @@ def test_compose_joins_one_anatomy_with_another_lesion(client, retrieval, indexe
              "abnormal": ("b.png", slice_to_png(b.image, bits=16))}
     ca, _ = retrieval.slice_codes(a.slice_id)
     cb, _ = retrieval.slice_codes(b.slice_id)
-    r = client.post("/compose?k=5", files=files)
+    r = client.post("/compose?k=5&group=slice", files=files)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["weighting"] == "balanced"
@@ -172,7 +176,7 @@ def test_compose_joins_one_anatomy_with_another_lesion(client, retrieval, indexe
     for key in ("normal_image", "abnormal_image", "composite", "segmentation"):
         assert _png_of(body[key]).shape[:2] == (256, 256)
 
-    plain = client.post("/compose?k=5&weighting=plain", files=files).json()
+    plain = client.post("/compose?k=5&weighting=plain&group=slice", files=files).json()
     query = space_vectors(retrieval.codebooks, ca.normal[None], cb.abnormal[None],
                           spaces=("concat",))["concat"][0]
     _, d = _brute_force(retrieval, "concat", query)
@@ -194,7 +198,8 @@ def test_balanced_compose_of_a_slice_with_itself_finds_it_first(client, indexed_
 
 def test_similar_excludes_the_own_patient_by_default(client, indexed_slices):
     s = indexed_slices[3]
-    hits = client.post(f"/slices/{s.slice_id}/similar?space=normal&k=10").json()["neighbors"]
+    hits = client.post(f"/slices/{s.slice_id}/similar?space=normal&k=10&group=slice"
+                       ).json()["neighbors"]
     assert len(hits) == 10 and all(h["patient_id"] != s.patient_id for h in hits)
     own = client.post(f"/slices/{s.slice_id}/similar?space=normal&k=1"
                       f"&exclude_own_patient=false").json()["neighbors"]
