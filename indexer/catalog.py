@@ -211,6 +211,25 @@ def downgrade(url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(url), revision)
 
 
+def bring_up_to_date(url: str) -> None:
+    """Upgrade a catalogue written by an earlier version (its Alembic revision behind head) to
+    head; an empty database (no build yet) and a current one are left alone. Every migration
+    only adds, so a reader of an older catalogue may do this before it reads."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+    if current is not None and current != head:
+        log.info("catalogue at revision %s, upgrading it to %s", current, head)
+        upgrade(url)
+
+
 def open_catalog(url: str, migrate: bool = True) -> Engine:
     """An engine on ``url``, upgraded to the head migration first when ``migrate``."""
     if migrate:

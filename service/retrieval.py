@@ -26,7 +26,7 @@ from PIL import Image
 from sqlalchemy.orm import Session
 
 from indexer import store
-from indexer.catalog import active_build, open_catalog
+from indexer.catalog import active_build, bring_up_to_date, open_catalog
 from indexer.faiss_lib import faiss
 from indexer.layout import DIMS, LAYOUT_VERSION, SPACES, position_distances, space_vectors
 from indexer.reference import COLUMNS, Reference, codebook_tables
@@ -182,6 +182,11 @@ class Retrieval:
         torch_device = torch.device(
             "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available())
             else "cpu")
+        try:
+            bring_up_to_date(url)  # an index written by an earlier version: same data, new columns
+        except Exception as exc:
+            raise RetrievalError(f"{index_dir}: cannot bring its catalogue up to date: "
+                                 f"{type(exc).__name__}: {exc}") from exc
         source = Source(index_dir=index_dir, engine=open_catalog(url, migrate=False),
                         checkpoint=Path(checkpoint) if checkpoint else None, device=torch_device,
                         inference=threading.Semaphore(inference_workers),

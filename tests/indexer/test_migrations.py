@@ -223,3 +223,23 @@ def test_0002_adds_the_dicom_uids_and_keeps_the_rows(db_url):
             assert conn.execute(text("SELECT count(*) FROM patients")).scalar() == 2
     finally:
         engine.dispose()
+
+
+def test_a_reader_brings_an_earlier_catalogue_up_to_date(db_url):
+    """An index written before 0002 opens in a newer service: ``bring_up_to_date`` upgrades a
+    catalogue behind head and leaves an empty or a current one alone."""
+    from indexer.catalog import bring_up_to_date
+
+    bring_up_to_date(db_url)  # empty: nothing to bring up to date, nothing created
+    engine = make_engine(db_url)
+    try:
+        assert "patients" not in inspect(engine).get_table_names()
+        upgrade(db_url, "0001")
+        bring_up_to_date(db_url)
+        with engine.connect() as conn:
+            assert MigrationContext.configure(conn).get_current_revision() == HEAD
+        assert {"study_uid", "series_uid"} <= {
+            c["name"] for c in inspect(engine).get_columns("patients")}
+        bring_up_to_date(db_url)  # current: a no-op
+    finally:
+        engine.dispose()
