@@ -54,7 +54,9 @@ class Searcher(User):
         while time.perf_counter() - started < RETRY_S:
             attempt = time.perf_counter()
             try:
-                r = self.session.post(f"{self.host}/search", params={"space": space, "k": K},
+                # group=slice: K neighbours whenever K slices exist (one per patient may be fewer)
+                r = self.session.post(f"{self.host}/search",
+                                      params={"space": space, "k": K, "group": "slice"},
                                       files={"file": (name, self.payloads[name], "image/png")},
                                       timeout=RETRY_S)
             except requests.RequestException as exc:

@@ -327,11 +327,10 @@ def test_kill_during_build_at_last_file(cohorts, tiny_checkpoint, tmp_path):
     print(f"build killed at last-file: {'after' if committed else 'before'} the commit")
     if not committed:  # killed before the commit: nothing catalogued
         assert _patients(d) == set()
-        # Any writer finishes the job; an empty cohort keeps it quick (the test above adds
-        # a real one) and must still clear the killed build's files.
-        (tmp_path / "empty").mkdir()
-        _index(d).add([tmp_path / "empty"], **QUICK)
-        assert _check_readable(d, [set()]) == set()
+        # Any writer finishes the job and must clear the killed build's files (an empty
+        # cohort is refused before writing anything, so the add brings a real one).
+        _index(d).add([cohorts[A]], **QUICK)
+        assert _check_readable(d, [{A}]) == {A}
     else:  # killed after it: the build is complete
         assert _check_readable(d, [{A}]) == {A}
         _index(d).remove([A])

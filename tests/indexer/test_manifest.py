@@ -8,13 +8,15 @@ from indexer.build import Indexer
 from indexer.verify import verify
 
 
-def test_relative_checkpoint_path_still_found_from_elsewhere(tiny_checkpoint, tmp_path,
-                                                             monkeypatch):
+def test_relative_checkpoint_path_still_found_from_elsewhere(tiny_checkpoint, synth_cohort,
+                                                             tmp_path, monkeypatch):
     work = tmp_path / "work"
-    (work / "empty_cohort").mkdir(parents=True)
+    (work / "cohort").mkdir(parents=True)
+    one = sorted(p for p in synth_cohort.iterdir() if p.is_dir())[0]
+    shutil.copytree(one, work / "cohort" / one.name)
     shutil.copy(tiny_checkpoint, work / "tiny.pt")
     monkeypatch.chdir(work)
-    Indexer("index").build(["empty_cohort"], "tiny.pt", workers=0, progress=False)
+    Indexer("index").build(["cohort"], "tiny.pt", workers=0, progress=False)
     assert verify("index") == []  # same directory: found
 
     monkeypatch.chdir(tmp_path)

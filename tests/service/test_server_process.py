@@ -67,14 +67,16 @@ def server(service_index, tmp_path_factory):
 
 
 def _post_all(url: str, payloads: list[bytes], name: str) -> list[httpx.Response]:
-    """Send every payload at once, each from its own client thread."""
+    """Send every payload at once, each from its own client thread. ``preprocess=false``: these
+    are decoding's bounds; registering an off-grid volume (seconds each) is ``ingest``'s."""
     responses: list[httpx.Response | None] = [None] * len(payloads)
     start = threading.Barrier(len(payloads))
 
     def send(i: int) -> None:
         with httpx.Client(base_url=url, timeout=300) as client:
             start.wait()
-            responses[i] = client.post("/search?k=3", files={"file": (name, payloads[i])})
+            responses[i] = client.post("/search?k=3&preprocess=false",
+                                       files={"file": (name, payloads[i])})
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(payloads))]
     for t in threads:
