@@ -2,9 +2,10 @@
 
 The model reads axial slices of volumes on the BraTS/SRI24 grid: 240 x 240 x 155 voxels of
 1 mm, in RAS+ order (``model.data.nifti``). ``to_model_space`` is what the upload route, the
-indexer and the PACS pull ask for "this volume, in the model's space": a volume already on that
-grid is used as it is; a head volume elsewhere (native space, skull) is skull-stripped and
-registered there by ``ingest.preprocess``; anything else is refused with its shape and spacing.
+indexer and the PACS pull ask for "this volume, in the model's space": a volume already there
+(``ingest.preprocess.in_model_space``, the one documented rule) is used as it is; a head volume
+elsewhere (native space, skull) is skull-stripped and registered there by ``ingest.preprocess``;
+anything else is refused with its shape and spacing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from model.data.nifti import Volume
 
 MODEL_SHAPE = (240, 240, 155)
 MODEL_SPACING_MM = 1.0
-SPACING_ATOL_MM = 1e-3
 
 
 class NotInModelSpace(ValueError):
@@ -35,11 +35,7 @@ def to_model_space(volume: Volume) -> Volume:
 
     shape = tuple(int(n) for n in volume.array.shape)
     zooms = volume.zooms
-    axes = np.abs(volume.affine[:3, :3]) > SPACING_ATOL_MM
-    on_grid = (shape == MODEL_SHAPE
-               and all(abs(z - MODEL_SPACING_MM) <= SPACING_ATOL_MM for z in zooms)
-               and (axes.sum(axis=0) == 1).all())  # axis-aligned: no rotation to resample
-    if on_grid:
+    if preprocess.in_model_space(volume.array, volume.affine):  # the one rule, documented there
         return volume
     described = (f"a {'x'.join(map(str, shape))} volume at "
                  f"{' x '.join(f'{z:.3g}' for z in zooms)} mm")

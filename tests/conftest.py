@@ -24,6 +24,19 @@ def synth_cohort(tmp_path_factory) -> Path:
     return out
 
 
+def _seed_codebooks(net, images) -> None:
+    """Both codebooks from encoder outputs of ``images`` (a random codebook maps every slice to
+    the same code); call under ``torch.no_grad`` with ``net`` in eval mode."""
+    import torch
+
+    normal, abnormal = net.encoder(images)  # (S, 64, 8, 8) each
+    for quantizer, z in ((net.normal_quantizer, normal), (net.abnormal_quantizer, abnormal)):
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        pick = torch.randperm(flat.shape[0])[: quantizer.codebook_size]
+        quantizer.codebook.copy_(flat[pick])
+        quantizer.codebook_sum.copy_(flat[pick] * quantizer.cluster_size[:, None])
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(synth_cohort, tmp_path_factory) -> Path:
     """A `tiny` checkpoint: untrained weights (retrieval invariants hold for any weights), with
@@ -47,12 +60,7 @@ def tiny_checkpoint(synth_cohort, tmp_path_factory) -> Path:
     with torch.no_grad():
         net(images[:16])  # BatchNorm statistics from real slices
         net.eval()
-        normal, abnormal = net.encoder(images)  # (S, 64, 8, 8) each
-        for quantizer, z in ((net.normal_quantizer, normal), (net.abnormal_quantizer, abnormal)):
-            flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-            pick = torch.randperm(flat.shape[0])[: quantizer.codebook_size]
-            quantizer.codebook.copy_(flat[pick])
-            quantizer.codebook_sum.copy_(flat[pick] * quantizer.cluster_size[:, None])
+        _seed_codebooks(net, images)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     save_checkpoint(path, net.eval(), "tiny")
     return path
@@ -79,12 +87,7 @@ def phantom_checkpoint(tmp_path_factory) -> Path:
     with torch.no_grad():
         net.encoder(images)  # BatchNorm statistics of the encoder, the part codes come from
         net.eval()
-        normal, abnormal = net.encoder(images)  # (S, 64, 8, 8) each
-        for quantizer, z in ((net.normal_quantizer, normal), (net.abnormal_quantizer, abnormal)):
-            flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-            pick = torch.randperm(flat.shape[0])[: quantizer.codebook_size]
-            quantizer.codebook.copy_(flat[pick])
-            quantizer.codebook_sum.copy_(flat[pick] * quantizer.cluster_size[:, None])
+        _seed_codebooks(net, images)
     path = tmp_path_factory.mktemp("ckpt") / "phantom-tiny.pt"
     save_checkpoint(path, net.eval(), "tiny")
     return path
