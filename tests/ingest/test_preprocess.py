@@ -1,10 +1,9 @@
 """ingest.preprocess: an off-grid head comes back onto the grid; a grid volume is left alone.
 
 The volume moved off the grid is the SRI24 brain the grid is defined by, not a synthetic
-phantom: phantoms sit where ``GRID_TO_MNI`` puts the MNI template, whose brain holds 1.3 times
-the SRI24 brain's voxels and lies about 6 mm off it, anterior and superior
-(``bench/preprocess_real.py`` prints the figures), so registering one to SRI24 rightly moves it,
-and its own placement could not be the answer.
+phantom: phantoms are random deformations of the MNI template drawn around a placement fitted
+to the SRI24 brain (mask Dice 0.927, ``python -m bench.preprocess_real --placement``), not onto
+it, so registering one to SRI24 rightly moves it, and its own placement could not be the answer.
 """
 
 from __future__ import annotations

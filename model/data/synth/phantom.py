@@ -45,6 +45,13 @@ BRATS_AFFINE = np.array(
 # Output RAS voxel (a, b, c) sits at nominal MNI mm (a - 119.5, b - 136.5, c - 70): the grid is
 # centred on the brain in x and y and starts just below the cerebellum.
 GRID_TO_MNI = np.array([-119.5, -136.5, -70.0], dtype=np.float32)
+# The template is larger than the SRI24 atlas brain that BraTS registers to, and sits off its
+# centre: reading the template at (p + SRI24_SHIFT_MM) * SRI24_SCALE instead of p raises the
+# overlap of the two brain masks on the grid from Dice 0.849 to 0.927 (grid search on the atlas
+# and the template only, ``python -m bench.preprocess_real --placement``). Patients are drawn
+# around that placement, so their brains are where and as large as real BraTS-space brains.
+SRI24_SHIFT_MM = np.array([-0.4, 9.0, 2.0], dtype=np.float32)
+SRI24_SCALE = 1.08
 # Part of the output grid the brain can reach (RAS voxel index ranges, end exclusive).
 BOX = (slice(38, 202), slice(20, 218), slice(0, 155))
 
@@ -122,8 +129,9 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
 def sample_patient(rng: np.random.Generator) -> Patient:
     return Patient(
         rotation=_rotation(rng),
-        scale=rng.uniform(0.88, 1.1, 3).astype(np.float32),
-        shift=rng.uniform(-5, 5, 3).astype(np.float32),
+        # m = R^T (p - shift) / scale: around scale 1 / SRI24_SCALE and shift -SRI24_SHIFT_MM
+        scale=(rng.uniform(0.88, 1.1, 3) / SRI24_SCALE).astype(np.float32),
+        shift=(rng.uniform(-5, 5, 3) - SRI24_SHIFT_MM).astype(np.float32),
         elastic=_smooth_field(rng, 10.0, rng.uniform(2.0, 6.0), 3),
         ventricle_scale=float(np.exp(rng.uniform(np.log(0.7), np.log(2.0)))),
         boundary_noise=float(rng.uniform(0.3, 1.0)),
