@@ -18,7 +18,7 @@ runner = CliRunner()
 
 def test_bench_index_prints_both_rates_and_their_ratio(synth_cohort, tiny_checkpoint, tmp_path):
     data = tmp_path / "cohort"
-    shutil.copytree(synth_cohort / "SYN1_0000", data / "SYN1_0000")
+    shutil.copytree(synth_cohort / "SYN3_0000", data / "SYN3_0000")
     result = runner.invoke(app, ["bench", "index", "--data", str(data), "--checkpoint",
                                  str(tiny_checkpoint), "--batch-size", "16", "--workers", "1",
                                  "--repeats", "1"])
@@ -51,7 +51,7 @@ def test_encoded_patients_carry_numpy_arrays(synth_cohort, tiny_checkpoint):
     from ingest.layouts import find_cases
     from model.checkpoint import load_model
 
-    case = next(c for c in find_cases(synth_cohort).cases if c.pid == "SYN1_0000")
+    case = next(c for c in find_cases(synth_cohort).cases if c.pid == "SYN3_0000")
     model, _ = load_model(tiny_checkpoint)
     (enc,) = encode_cases(model, [case], workers=0, progress=False)
     for name in ("slice_index", "areas", "brain_area", "normal_idx", "abnormal_idx"):

@@ -241,7 +241,7 @@ def fresh(mini_index, tmp_path) -> Path:
 def test_build_report_and_consistency(pair_index):
     report, snap = pair_index.report, pair_index.snap
     assert report.operation == "build" and report.generation == 1
-    assert report.patients_added == ["SYN1_0000", "SYN1_0001"]
+    assert report.patients_added == ["SYN3_0000", "SYN3_0001"]
     assert report.skipped == [] and report.patients_removed == []
     n = sum(len(r) for r in snap.slices.values())
     assert report.slices_added == report.total_slices == n > 100
@@ -351,17 +351,43 @@ def test_png_export_encodes_to_the_stored_codes(pair_index, model_books, capsys)
         matched[bits] = float(same.mean())
         if bits == 8:
             continue  # reported below, not asserted: an untrained model may flip a code
-        assert same.all(), (f"16-bit PNG changed the codes of slice ids "
-                            f"{[s for s, ok in zip(own, same, strict=True) if not ok]}")
-        queries = space_vectors(books, normal, abnormal)
+        # The round trip moves a pixel by at most half a 16-bit step: a code may change only
+        # where the encoder's output lay (within float rounding) as near one codebook row as
+        # another, as an untrained model's can.
+        flipped = np.flatnonzero(~same)
+        _assert_near_ties(model, back[flipped], (stored_n[flipped], stored_a[flipped]),
+                          (normal[flipped], abnormal[flipped]), [own[i] for i in flipped])
+        assert same.mean() >= 0.8, matched
+        queries = space_vectors(books, normal[same], abnormal[same])
         for space in SPACES:
-            for q, sid in zip(queries[space], own, strict=True):
+            for q, sid in zip(queries[space], np.asarray(own)[same].tolist(), strict=True):
                 assert_first_at_zero(snap.indices[space], q, {sid},
                                      members[space][groups[space][row_of[sid]]],
                                      f"16-bit PNG of slice {sid}, {space}")
     with capsys.disabled():
         print(f"\nPNG round trip of {len(own)} slices ({sum(abnormal_flags)} abnormal): codes "
               f"unchanged for {matched[16]:.0%} (16-bit), {matched[8]:.0%} (8-bit)")
+
+
+def _assert_near_ties(model, images: np.ndarray, stored, found, ids) -> None:
+    """Every code position where ``found`` differs from ``stored`` was a near tie: the encoder's
+    output for ``images`` lies as near the stored row as the row it now takes (1e-3 relative)."""
+    if not len(images):
+        return
+    with torch.no_grad():
+        codes = model.encode(torch.from_numpy(images[:, None]))
+    for pre, quantizer, old, new in ((codes.normal_pre, model.normal_quantizer, *stored[:1],
+                                      *found[:1]),
+                                     (codes.abnormal_pre, model.abnormal_quantizer, *stored[1:],
+                                      *found[1:])):
+        z = pre.permute(0, 2, 3, 1).double()  # (S, 8, 8, 64)
+        book = quantizer.codebook.double()
+        for s, i, j in zip(*np.nonzero(old != new), strict=True):
+            d_old = float(((z[s, i, j] - book[old[s, i, j]]) ** 2).sum())
+            d_new = float(((z[s, i, j] - book[new[s, i, j]]) ** 2).sum())
+            assert abs(d_old - d_new) <= 1e-3 * max(d_new, 1.0), (
+                f"slice id {ids[s]}: code ({i}, {j}) moved from row {old[s, i, j]} "
+                f"(squared distance {d_old:.6g}) to {new[s, i, j]} ({d_new:.6g}): not a tie")
 
 
 def _brute_force_check(index: faiss.Index, data: np.ndarray, data_ids: np.ndarray,

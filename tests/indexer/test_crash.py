@@ -35,7 +35,7 @@ from indexer.catalog import Patient, Slice, active_build, make_engine
 from indexer.layout import SPACES
 from indexer.verify import verify
 
-A, B = "SYN1_0000", "SYN1_0001"
+A, B = "SYN3_0000", "SYN3_0001"
 POLL_S = 0.005
 RUN_LIMIT_S = 300
 NO_ACTIVE = ["the catalogue has no active index build"]

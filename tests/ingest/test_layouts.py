@@ -69,10 +69,10 @@ def test_find_cases_2021_layout_uncompressed_and_hidden(tmp_path):
 
 
 def test_find_cases_synth_files(tmp_path):
-    patient(tmp_path / "SYN1_0000", kinds=("t1ce", "seg", "healthy", "anatomy"))
+    patient(tmp_path / "SYN3_0000", kinds=("t1ce", "seg", "healthy", "anatomy"))
     (case,) = find_cases(tmp_path).cases
-    assert case.healthy.name == "SYN1_0000_healthy.nii.gz"
-    assert case.anatomy.name == "SYN1_0000_anatomy.nii.gz"
+    assert case.healthy.name == "SYN3_0000_healthy.nii.gz"
+    assert case.anatomy.name == "SYN3_0000_anatomy.nii.gz"
     assert case.layout == "synthetic"
 
 

@@ -28,7 +28,7 @@ def cohort(synth_cohort, tmp_path_factory):
     """Three patients: one to train on, two held out (held-out retrieval excludes the query's
     own patient, so it needs two)."""
     root = tmp_path_factory.mktemp("train_cohort")
-    for pid in ("SYN1_0000", "SYN1_0001", "SYN1_0002"):
+    for pid in ("SYN3_0000", "SYN3_0001", "SYN3_0002"):
         shutil.copytree(synth_cohort / pid, root / pid)
     return root
 
@@ -305,7 +305,7 @@ def test_render_run_logs_the_monitored_cohort(cohort, synth_cohort, tmp_path):
     """A run that redraws from tissue maps, monitoring a cohort it neither trains on nor selects
     by: its figures are logged at every evaluation and the score ignores them."""
     monitored = tmp_path / "monitored"
-    shutil.copytree(synth_cohort / "SYN1_0003", monitored / "SYN1_0003")
+    shutil.copytree(synth_cohort / "SYN3_0003", monitored / "SYN3_0003")
     out = tmp_path / "render.pt"
     train([cohort], out, _config(steps=4, render=0.5, monitor=[str(monitored)]),
           progress=False)
@@ -318,7 +318,7 @@ def test_render_run_logs_the_monitored_cohort(cohort, synth_cohort, tmp_path):
     payload = read_checkpoint(out)
     assert payload["train_config"]["render"] == 0.5
     assert payload["train_config"]["monitor"] == [str(monitored)]
-    assert "SYN1_0003" not in payload["held_out_patients"]
+    assert "SYN3_0003" not in payload["held_out_patients"]
     with pytest.raises(TrainingError, match="none: no such data folder"):
         train([cohort], tmp_path / "x.pt", _config(steps=1, monitor=[str(tmp_path / "none")]),
               progress=False)

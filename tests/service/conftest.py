@@ -4,6 +4,7 @@ indexed slices through the shared preprocessing."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -60,34 +61,37 @@ def indexed_slices(synth_cohort, retrieval) -> list[IndexedSlice]:
     percentile is its volume's scale (preprocess rule 6: such a slice comes back unchanged from
     a PNG or JPEG upload, where others come back brighter)."""
     cases = {c.pid: c for c in find_cases(synth_cohort).cases}
-    picked: list[IndexedSlice] = []
-    used_codes: set[bytes] = set()
     flat = retrieval.codes.reshape(len(retrieval.codes), 2, -1)
-    for want in (True, False, True, False):
-        for ext, pid in sorted(retrieval.patient_by_external.items()):
-            if any(p.patient_id == ext for p in picked):
+
+    def candidates(ext: str, pid: int, want: bool) -> list[IndexedSlice]:
+        stacks = case_slices(load_case(cases[ext], with_healthy=False))
+        rows = np.flatnonzero(retrieval.slice_patient == pid)
+        found = []
+        for row in rows[len(rows) // 4: 3 * len(rows) // 4]:
+            if (retrieval.slice_abnormal[row] == 1) != want:
                 continue
-            stacks = case_slices(load_case(cases[ext], with_healthy=False))
-            rows = np.flatnonzero(retrieval.slice_patient == pid)
-            found = None
-            for row in rows[len(rows) // 4: 3 * len(rows) // 4]:
-                if (retrieval.slice_abnormal[row] == 1) != want:
-                    continue
-                key = retrieval.codes[row].tobytes()
-                twins = (flat == flat[row]).all(-1)  # (N, 2): same normal / abnormal code
-                if key in used_codes or twins[:, 0].sum() > 1 or twins[:, 1].sum() > 1:
-                    continue  # another slice shares a code: "first" would be a tie
-                at = int(np.flatnonzero(stacks.slice_index == retrieval.slice_index[row])[0])
-                image = stacks.image[at]
-                if np.percentile(image[image > 0], INTENSITY_PERCENTILE) < 1.0:
-                    continue
-                found = IndexedSlice(int(retrieval.slice_ids[row]), ext,
-                                     int(retrieval.slice_index[row]), stacks.image[at], want)
-                used_codes.add(key)
-                break
-            if found:
-                picked.append(found)
-                break
+            twins = (flat == flat[row]).all(-1)  # (N, 2): same normal / abnormal code
+            if twins[:, 0].sum() > 1 or twins[:, 1].sum() > 1:
+                continue  # another slice shares a code: "first" would be a tie
+            at = int(np.flatnonzero(stacks.slice_index == retrieval.slice_index[row])[0])
+            image = stacks.image[at]
+            if np.percentile(image[image > 0], INTENSITY_PERCENTILE) < 1.0:
+                continue
+            found.append(IndexedSlice(int(retrieval.slice_ids[row]), ext,
+                                      int(retrieval.slice_index[row]), image, want))
+        return found
+
+    wants = (True, False, True, False)
+    patients = sorted(retrieval.patient_by_external.items())
+    options = {(ext, want): candidates(ext, pid, want)
+               for ext, pid in patients for want in (True, False)}
+    picked: list[IndexedSlice] = []
+    # The first assignment of four different patients to the four statuses that has a slice
+    # for each (a greedy pick in patient order can use up the only patient left for one).
+    for order in itertools.permutations([ext for ext, _ in patients], len(wants)):
+        if all(options[(ext, want)] for ext, want in zip(order, wants, strict=True)):
+            picked = [options[(ext, want)][0] for ext, want in zip(order, wants, strict=True)]
+            break
     assert len(picked) == 4, "the cohort should give two lesion and two lesion-free slices"
     return picked
 

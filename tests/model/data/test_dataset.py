@@ -62,11 +62,11 @@ def test_dataset_items(dataset):
         assert anatomy.min() >= 0 and anatomy.max() <= 6
         assert healthy.min() >= 0 and healthy.max() <= 1
         assert item["has_seg"] is True
-        assert isinstance(item["pid"], str) and item["pid"].startswith("SYN1_")
+        assert isinstance(item["pid"], str) and item["pid"].startswith("SYN3_")
         assert type(item["slice_index"]) is int
         assert int(preprocess.brain_area(image[0])) >= preprocess.MIN_BRAIN_PIXELS
         pids.add(item["pid"])
-    assert pids == {f"SYN1_{i:04d}" for i in range(4)}
+    assert pids == {f"SYN3_{i:04d}" for i in range(4)}
 
 
 def test_dataset_keeps_exactly_the_brain_slices(synth_cohort, items):
@@ -103,15 +103,15 @@ def test_abnormal_classes_match_seg_labels(synth_cohort, dataset, items):
 
 def test_truncated_patient_is_skipped(synth_cohort, tmp_path):
     root = tmp_path / "cohort"
-    _copy_patient(synth_cohort, "SYN1_0000", root)
-    bad = _copy_patient(synth_cohort, "SYN1_0001", root)
-    t1ce = bad / "SYN1_0001_t1ce.nii.gz"
+    _copy_patient(synth_cohort, "SYN3_0000", root)
+    bad = _copy_patient(synth_cohort, "SYN3_0001", root)
+    t1ce = bad / "SYN3_0001_t1ce.nii.gz"
     data = t1ce.read_bytes()
     t1ce.write_bytes(data[: len(data) // 2])
 
     ds = SliceDataset.from_folders([root])
     assert len(ds) > 0
-    assert {ds[i]["pid"] for i in range(len(ds))} == {"SYN1_0000"}
+    assert {ds[i]["pid"] for i in range(len(ds))} == {"SYN3_0000"}
     assert len(ds.skipped) == 1
     path, reason = ds.skipped[0]
     assert path == t1ce
@@ -120,19 +120,19 @@ def test_truncated_patient_is_skipped(synth_cohort, tmp_path):
 
 def test_scan_skips_are_listed_too(synth_cohort, tmp_path):
     root = tmp_path / "cohort"
-    _copy_patient(synth_cohort, "SYN1_0000", root)
-    bad = _copy_patient(synth_cohort, "SYN1_0002", root)
-    (bad / "SYN1_0002_t1ce.nii.gz").unlink()
+    _copy_patient(synth_cohort, "SYN3_0000", root)
+    bad = _copy_patient(synth_cohort, "SYN3_0002", root)
+    (bad / "SYN3_0002_t1ce.nii.gz").unlink()
     ds = SliceDataset.from_folders([root])
-    assert ds.skipped == [(bad, "missing SYN1_0002_t1ce.nii.gz (or SYN1_0002-t1c.nii.gz)")]
+    assert ds.skipped == [(bad, "missing SYN3_0002_t1ce.nii.gz (or SYN3_0002-t1c.nii.gz)")]
     assert len(ds) > 0
 
 
 def test_patient_without_seg(synth_cohort, tmp_path):
     root = tmp_path / "cohort"
-    folder = _copy_patient(synth_cohort, "SYN1_0003", root)
+    folder = _copy_patient(synth_cohort, "SYN3_0003", root)
     for kind in ("seg", "anatomy", "healthy"):  # like a BraTS validation case
-        (folder / f"SYN1_0003_{kind}.nii.gz").unlink()
+        (folder / f"SYN3_0003_{kind}.nii.gz").unlink()
     ds = SliceDataset.from_folders([root])
     assert len(ds) > 0
     assert ds.skipped == []
@@ -158,7 +158,7 @@ def test_dataloader_default_collate(dataset):
     assert batch["anatomy"].shape == (4, 256, 256)
     assert batch["healthy"].shape == (4, 1, 256, 256)
     assert batch["has_seg"].tolist() == [True] * 4
-    assert len(batch["pid"]) == 4 and all(p.startswith("SYN1_") for p in batch["pid"])
+    assert len(batch["pid"]) == 4 and all(p.startswith("SYN3_") for p in batch["pid"])
     assert batch["slice_index"].shape == (4,)
     first = dataset[0]
     assert torch.equal(batch["image"][0], first["image"])

@@ -16,7 +16,7 @@ MAX_QUERIES = 12
 
 @pytest.fixture(scope="session")
 def split_cohort(synth_cohort, tmp_path_factory) -> tuple[Path, Path]:
-    """(references, queries): SYN1_0000 and _0001, then SYN1_0002 and _0003."""
+    """(references, queries): SYN3_0000 and _0001, then SYN3_0002 and _0003."""
     root = tmp_path_factory.mktemp("eval-cohorts")
     patients = sorted(p for p in synth_cohort.iterdir()
                       if p.is_dir() and not p.name.startswith("."))

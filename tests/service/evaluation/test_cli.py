@@ -37,7 +37,7 @@ def test_cbir_eval_refuses_indexed_query_patients(eval_index, split_cohort, tmp_
     result = runner.invoke(app, ["eval", "--index", str(eval_index), "--queries",
                                  str(split_cohort[0]), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
-    assert "query patients are in the index: SYN1_0000, SYN1_0001" in result.output
+    assert "query patients are in the index: SYN3_0000, SYN3_0001" in result.output
     assert not (tmp_path / "r").exists()
 
 

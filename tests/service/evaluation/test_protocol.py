@@ -61,7 +61,7 @@ def test_oracle_bounds_every_method_and_every_method_is_non_negative(evaluation)
 def test_queries_are_drawn_per_patient_with_lesions_where_they_exist(evaluation, eval_index):
     q = evaluation.result["queries"]
     assert q["slices"] == MAX_QUERIES == len(evaluation.queries.image)
-    assert set(q["patients"]) == {"SYN1_0002", "SYN1_0003"}
+    assert set(q["patients"]) == {"SYN3_0002", "SYN3_0003"}
     for pid, p in q["patients"].items():
         assert p["drawn"] == MAX_QUERIES // 2
         assert p["with_lesion"] == (MAX_QUERIES // 4 if p["with_lesion"] else 0), pid
@@ -149,7 +149,7 @@ def test_report_files(evaluation, report_dir):
 
 
 def test_refuses_query_patients_that_the_index_holds(eval_index, split_cohort):
-    with pytest.raises(EvaluationError, match="SYN1_0000.*in the index|in the index"):
+    with pytest.raises(EvaluationError, match="SYN3_0000.*in the index|in the index"):
         evaluate(eval_index, [split_cohort[0]], ks=[1], max_queries=2, progress=False)
 
 
@@ -166,5 +166,5 @@ def test_references_elsewhere_without_anatomy_leave_normal_figures_out(eval_inde
                   reference_dirs=[empty], draws=10)
     assert "pass --references" in ev.result["figures"]["normal"]["normal_dice"]["missing"]
     assert sorted(ev.result["references"]["patients_without_anatomy"]) == [
-        "SYN1_0000", "SYN1_0001"]
+        "SYN3_0000", "SYN3_0001"]
     assert "at_k" in ev.result["figures"]["abnormal"]["lesion_dice"]

@@ -198,6 +198,7 @@ def test_kill_9_mid_run_leaves_only_complete_patients(tmp_path):
             pytest.fail("synth never started writing")
         os.kill(proc.pid, signal.SIGKILL)
     finally:
+        proc.kill()  # a no-op after the SIGKILL; ends the run when the test failed before it
         proc.wait(timeout=30)
     scan = find_cases(out)
     for case in scan.cases:  # complete patients only

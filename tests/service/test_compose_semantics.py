@@ -1,0 +1,160 @@
+"""A composed query finds "this anatomy with that lesion", with the shipped checkpoint.
+
+The other compose tests run on an untrained checkpoint, where only invariants hold. Here the
+index is the session cohort encoded by ``checkpoints/cbir-cpu.pt``, and the two donors pull apart
+on purpose: the anatomy donor is a lesion-free slice, the lesion donor a slice with the cohort's
+largest lesion at a level at least 20 slices away. The composed top 5 must be nearer the anatomy
+donor's level than the lesion donor's own abnormal-space neighbours are, and hold lesions more
+often than the anatomy donor's normal-space neighbours do: each half of the query counts. Both
+through the API and on the page (the slice numbers and lesion badges a reader sees).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from indexer.build import Indexer
+from ingest.layouts import find_cases
+from ingest.volumes import load_case
+from model.data.dataset import case_slices
+from service.api.app import create_app
+from service.config import Settings
+from tests.service.conftest import _serve
+
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "cbir-cpu.pt"
+K = 5
+MIN_LEVEL_GAP = 20
+
+
+@dataclass(frozen=True)
+class Donor:
+    patient_id: str
+    slice_index: int
+    volume: Path  # the patient's T1-Gd file, uploaded whole with ``*_slice``
+
+
+@pytest.fixture(scope="module")
+def shipped_index(synth_cohort, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shipped") / "index"
+    Indexer(out).build([synth_cohort], checkpoint=SHIPPED, progress=False, workers=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def donors(synth_cohort) -> tuple[Donor, Donor]:
+    """(anatomy donor, lesion donor) from two patients, at levels MIN_LEVEL_GAP or more apart."""
+    cases = find_cases(synth_cohort).cases
+    stacks = {c.pid: case_slices(load_case(c, with_healthy=False)) for c in cases}
+    files = {c.pid: c.t1ce for c in cases}
+    area = {(pid, int(s.slice_index[i])): int((s.abnormal[i] > 0).sum())
+            for pid, s in stacks.items() for i in range(len(s.slice_index))}
+    lesion_pid, lesion_level = max(area, key=area.get)
+    for pid in sorted(stacks):
+        if pid == lesion_pid:
+            continue
+        levels = [z for (p, z), a in area.items() if p == pid and a == 0
+                  and abs(z - lesion_level) >= MIN_LEVEL_GAP
+                  and 0.3 < (z - stacks[pid].slice_index[0]) / len(stacks[pid].slice_index) < 0.8]
+        if levels:
+            anatomy_level = levels[len(levels) // 2]
+            return (Donor(pid, anatomy_level, files[pid]),
+                    Donor(lesion_pid, lesion_level, files[lesion_pid]))
+    raise AssertionError("the cohort should hold a lesion-free slice far from the largest lesion")
+
+
+@pytest.fixture(scope="module")
+def shipped_client(shipped_index) -> TestClient:
+    with TestClient(create_app(Settings(index_dir=shipped_index))) as c:
+        yield c
+
+
+def _upload(donor: Donor, role: str) -> tuple[str, tuple[str, bytes, str]]:
+    return role, (donor.volume.name, donor.volume.read_bytes(), "application/octet-stream")
+
+
+def _compose(client, anatomy: Donor, lesion: Donor) -> list[dict]:
+    r = client.post(f"/compose?k={K}&group=slice&normal_slice={anatomy.slice_index}"
+                    f"&abnormal_slice={lesion.slice_index}",
+                    files=[_upload(anatomy, "normal"), _upload(lesion, "abnormal")])
+    assert r.status_code == 200, r.text
+    return r.json()["neighbors"]
+
+
+def _search(client, donor: Donor, space: str) -> list[dict]:
+    r = client.post(f"/search?space={space}&k={K}&group=slice&slice={donor.slice_index}",
+                    files=[_upload(donor, "file")])
+    assert r.status_code == 200, r.text
+    return r.json()["neighbors"]
+
+
+def _level_gap(levels, anatomy: Donor) -> float:
+    return float(np.median([abs(z - anatomy.slice_index) for z in levels]))
+
+
+def _assert_both_halves_count(levels: list[int], lesions: list[bool], anatomy_only: list[dict],
+                              lesion_only: list[dict], anatomy: Donor) -> None:
+    lesion_share = sum(lesions) / len(lesions)
+    baseline_share = sum(bool(n["has_abnormality"]) for n in anatomy_only) / len(anatomy_only)
+    assert lesion_share >= 0.6 and lesion_share > baseline_share, (lesions, baseline_share)
+    gap = _level_gap(levels, anatomy)
+    lesion_gap = _level_gap([n["slice_index"] for n in lesion_only], anatomy)
+    assert gap <= 8 and gap < lesion_gap, (levels, anatomy.slice_index, lesion_gap)
+
+
+def test_composed_query_keeps_the_anatomy_level_and_the_lesion(shipped_client, donors):
+    anatomy, lesion = donors
+    hits = _compose(shipped_client, anatomy, lesion)
+    assert len(hits) == K
+    _assert_both_halves_count(
+        [n["slice_index"] for n in hits], [bool(n["has_abnormality"]) for n in hits],
+        _search(shipped_client, anatomy, "normal"), _search(shipped_client, lesion, "abnormal"),
+        anatomy)
+
+
+def test_page_composes_the_same_way(shipped_index, shipped_client, donors):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from tests.service.test_web import CHROMIUM, TIMEOUT_MS
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"needs {CHROMIUM} (Debian package chromium)")  # test_web fails under CI
+    anatomy, lesion = donors
+    url, server, thread = _serve(Settings(index_dir=shipped_index))
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url + "/")
+            sync_api.expect(page.locator("body")).to_have_attribute("data-state", "ready")
+            page.click("#mode-compose")
+            page.fill("#compose-k", str(K))
+            page.set_input_files("#compose-normal-input", str(anatomy.volume))
+            with page.expect_response(lambda r: "/compose?" in r.url):
+                page.set_input_files("#compose-abnormal-input", str(lesion.volume))
+            # Each volume opens at its middle slice; the sliders choose the donors' slices.
+            for role, donor in (("normal", anatomy), ("abnormal", lesion)):
+                wanted = f"{role}_slice={donor.slice_index}"
+                with page.expect_response(lambda r, w=wanted: "/compose?" in r.url
+                                          and w in r.url) as response:
+                    page.locator(f"#compose-{role}-slider").fill(str(donor.slice_index))
+            assert f"normal_slice={anatomy.slice_index}" in response.value.url
+            assert response.value.ok, response.value.text()
+            cards = page.locator("#compose-neighbors .neighbor-card")
+            sync_api.expect(cards).to_have_count(K)
+            levels = [int(t) for t in cards.locator(".slice").all_text_contents()]
+            badges = cards.locator(".badge").all_text_contents()
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    api = _compose(shipped_client, anatomy, lesion)
+    assert levels == [n["slice_index"] for n in api]
+    lesions = [b.strip() == "lesion" for b in badges]  # or "no lesion"
+    assert lesions == [bool(n["has_abnormality"]) for n in api], badges
+    _assert_both_halves_count(levels, lesions, _search(shipped_client, anatomy, "normal"),
+                              _search(shipped_client, lesion, "abnormal"), anatomy)
