@@ -145,8 +145,8 @@ def cut(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
 @functools.cache
 def atlas_outlines() -> dict[str, np.ndarray]:
     """plane -> (cuts, 64 * 64) float32: the MNI152 brain's cuts in each plane on the model's
-    grid (its nominal placement, ``GRID_TO_MNI``), as pooled outlines with holes filled. Sagittal cuts
-    come in both facings (anterior left and right). About 2 s, once per process."""
+    grid (its nominal placement, ``GRID_TO_MNI``), as pooled outlines with holes filled.
+    Sagittal cuts come in both facings (anterior left and right). About 2 s, once per process."""
     img = nib.as_closest_canonical(nib.load(template_dir() / TEMPLATE_FILES["t1"]))
     brain = np.asarray(img.dataobj) > 0
     origin = np.linalg.solve(img.affine, [0, 0, 0, 1])[:3]
