@@ -36,9 +36,9 @@ COPY pyproject.toml README.md ./
 RUN python -c "import sys, tomllib; \
       faiss = sys.argv[1]; \
       deps = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-      reqs = deps['dependencies'] if faiss == 'cpu' else \
+      reqs = (deps['dependencies'] if faiss == 'cpu' else \
           [d for d in deps['dependencies'] if not d.startswith('faiss-cpu')] \
-          + deps['optional-dependencies'][faiss]; \
+          + deps['optional-dependencies'][faiss]) + deps['optional-dependencies']['ray']; \
       print(*reqs, sep='\n')" "$FAISS" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 # The SRI24 atlas on the BraTS grid, from the one release that ships it (see the Makefile).

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from indexer.build import Indexer, _device
+from indexer.build import Indexer
+from indexer.encoding import default_device
 from model.checkpoint import load_model
 
 GOAL = 0.9
@@ -49,7 +50,7 @@ def indexing_throughput(data: list[Path], checkpoint: Path, batch_size: int = 32
     slices/s of a real ``Indexer.build`` of ``data`` into a temporary directory
     (``slices_added / encode_seconds``: reading, encoding, thumbnails and vectors, without
     loading the model or writing the final index files)."""
-    device = _device()
+    device = default_device()
     model, ckpt = load_model(Path(checkpoint), device)
     bare = bare_encode_rates(model, batch_size, device, repeats)
     with tempfile.TemporaryDirectory(prefix="cbir-bench-index-") as tmp:

@@ -37,16 +37,20 @@ from indexer.catalog import (
     open_catalog,
     read_slice_arrays,
 )
+from indexer.distributed import RayOptions, encode_cases_on_ray
+from indexer.encoding import (
+    CaseSlices,
+    EncodedPatient,
+    default_device,
+    encode_case,
+    read_case,
+)
 from indexer.layout import LAYOUT_VERSION, SPACES
 from indexer.reference import Reference
 from ingest.cases import NotInModelSpace, Origin, stage_case, to_model_space
 from ingest.dicom import DicomVolume
 from ingest.layouts import Case, find_cases_in
-from ingest.preprocess import load_case_in_model_space
 from model.checkpoint import load_model
-from model.data import preprocess
-from model.data.dataset import case_slices
-from model.data.nifti import VolumeError
 from model.data.preprocess import PREPROCESSING_VERSION
 
 log = logging.getLogger(__name__)
@@ -78,28 +82,14 @@ class IndexReport:
         return self.slices_added / self.encode_seconds if self.encode_seconds > 0 else 0.0
 
 
-@dataclass
-class EncodedPatient:
-    case: Case
-    slice_index: np.ndarray  # (S,)
-    normal_idx: np.ndarray  # (S, 8, 8)
-    abnormal_idx: np.ndarray  # (S, 8, 8)
-    thumbnails: bytes  # .npz of the slices as uint8 images and label maps (store.thumbnails_npz)
-    areas: np.ndarray | None  # (S, 3) pixels of labels 1, 2, 4; None without segmentation
-    brain_area: np.ndarray  # (S,)
-
-
 def _identity(item):
     """DataLoader collate that keeps numpy arrays as they are (module level: picklable)."""
     return item
 
 
 class _PatientSlices(Dataset):
-    """Item i: patient i's brain slices in the model's frame, or the reason it is unreadable.
-
-    Runs in the loader's worker processes: everything but encoding (reading, preprocessing,
-    label areas, thumbnail compression) happens here, off the main process.
-    """
+    """Item i: ``(case, read_case(case))`` of patient i, read in the loader's worker processes
+    (reading, preprocessing, label areas, thumbnail compression), off the encoding process."""
 
     def __init__(self, cases: list[Case]):
         self.cases = cases
@@ -108,44 +98,13 @@ class _PatientSlices(Dataset):
         return len(self.cases)
 
     def __getitem__(self, i: int):
-        case = self.cases[i]
-        try:
-            # A T1-Gd outside the model's space is skull-stripped and registered first.
-            vols = load_case_in_model_space(case)
-        except VolumeError as exc:
-            return case, None, f"{exc.path}: {exc.problem}"
-        except ValueError as exc:
-            return case, None, f"{case.t1ce}: {exc}"
-        stacks = case_slices(vols)
-        if len(stacks.slice_index) == 0:
-            return case, None, (f"{case.t1ce}: no axial slice with at least "
-                                f"{preprocess.MIN_BRAIN_PIXELS} brain pixels")
-        seg = areas = None
-        if vols.seg is not None:
-            seg = preprocess.axial_slices(vols.seg)[stacks.slice_index]
-            areas = np.stack([(seg == k).sum(axis=(1, 2)) for k in (1, 2, 4)], axis=1)
-        thumbnails = store.thumbnails_npz(stacks.slice_index,
-                                          np.rint(stacks.image * 255).astype(np.uint8), seg)
-        # A tensor, not an array: the loader hands tensors over in shared memory, where a
-        # (S, 256, 256) float32 array would be pickled through a pipe into the encoding process.
-        return case, (torch.from_numpy(stacks.image), stacks.slice_index, areas,
-                      (stacks.image > 0).sum(axis=(1, 2)), thumbnails), None
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@torch.inference_mode()
-def encode_slices(model, images: np.ndarray, batch_size: int, device: torch.device):
-    """(S, 256, 256) float32 -> normal and abnormal code indices, each (S, 8, 8) int64."""
-    normal, abnormal = [], []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start:start + batch_size][:, None]).to(device)
-        codes = model.encode(x)
-        normal.append(codes.normal_indices.cpu().numpy())
-        abnormal.append(codes.abnormal_indices.cpu().numpy())
-    return np.concatenate(normal), np.concatenate(abnormal)
+        read = read_case(self.cases[i])
+        if isinstance(read, CaseSlices):
+            # A tensor, not an array: the loader hands tensors over in shared memory, where a
+            # (S, 256, 256) float32 array would be pickled through a pipe into the encoding
+            # process.
+            read.images = torch.from_numpy(read.images)
+        return self.cases[i], read
 
 
 def _die_with(parent: int, _worker_id: int) -> None:
@@ -162,7 +121,7 @@ def _die_with(parent: int, _worker_id: int) -> None:
 def encode_cases(model, cases: list[Case], batch_size: int = 32, workers: int = 2,
                  device: torch.device | None = None, progress: bool = True):
     """Yield ``EncodedPatient`` or ``(case, problem)`` per case, in order."""
-    device = device or _device()
+    device = device or default_device()
     loader = DataLoader(_PatientSlices(cases), batch_size=None, num_workers=workers,
                         collate_fn=_identity, prefetch_factor=2 if workers else None,
                         worker_init_fn=functools.partial(_die_with, os.getpid()))
@@ -170,18 +129,16 @@ def encode_cases(model, cases: list[Case], batch_size: int = 32, workers: int = 
     slices = 0
     started = time.perf_counter()
     try:
-        for case, payload, problem in loader:
+        for case, read in loader:
             bar.update()
-            if problem is not None:
-                yield case, problem
+            if isinstance(read, str):
+                yield case, read
                 continue
-            images, slice_index, areas, brain_area, thumbnails = payload
-            normal, abnormal = encode_slices(model, images.numpy(), batch_size, device)
-            slices += len(normal)
+            read.images = read.images.numpy()
+            encoded = encode_case(model, case, read, batch_size, device)
+            slices += len(encoded.slice_index)
             bar.set_postfix(slices_per_s=f"{slices / (time.perf_counter() - started):.1f}")
-            yield EncodedPatient(case=case, slice_index=slice_index, normal_idx=normal,
-                                 abnormal_idx=abnormal, thumbnails=thumbnails, areas=areas,
-                                 brain_area=brain_area)
+            yield encoded
     finally:
         bar.close()
 
@@ -268,7 +225,7 @@ class Indexer:
         with store.writer_lock(self.index_dir):
             self._manifest(create=True, checkpoint=checkpoint, kind=kind)
             return self._change(model, ckpt, cases, skipped, replace=False, operation="build",
-                                kind=kind, **kw)
+                                kind=kind, checkpoint=checkpoint, **kw)
 
     def add(self, data: list[Path], checkpoint: Path | None = None, replace: bool = False,
             kind: str | None = None, origins: dict[str, Origin] | None = None,
@@ -284,11 +241,12 @@ class Indexer:
                 f"{self.index_dir} holds a {recorded} index (index.json); --kind {kind} "
                 f"conflicts with it: leave --kind out, or build a new index of kind {kind}")
         cases, skipped = _scan([Path(d) for d in data])
-        model, ckpt = self._load_model(Path(checkpoint or manifest["checkpoint"]))
+        checkpoint = Path(checkpoint or manifest["checkpoint"])
+        model, ckpt = self._load_model(checkpoint)
         with store.writer_lock(self.index_dir):
             return self._change(model, ckpt, cases, skipped, replace=replace,
                                 operation="replace" if replace else "add", kind=recorded,
-                                origins=origins or {}, **kw)
+                                checkpoint=checkpoint, origins=origins or {}, **kw)
 
     def remove(self, pids: list[str]) -> IndexReport:
         kind = store.manifest_kind(self._manifest(create=False, checkpoint=None))
@@ -330,7 +288,7 @@ class Indexer:
             raise store.IndexStoreError(
                 f"{checkpoint}: no checkpoint there; pass --checkpoint (train one with "
                 f"`cbir train`)")
-        model, ckpt = load_model(checkpoint, _device())
+        model, ckpt = load_model(checkpoint, default_device())
         return model, ckpt
 
     @staticmethod
@@ -350,9 +308,12 @@ class Indexer:
             engine.dispose()
 
     def _change(self, model, ckpt: dict, cases: list[Case], skipped: list[tuple[str, str]],
-                replace: bool, operation: str, kind: str, batch_size: int = 32,
-                workers: int = 2, progress: bool = True,
-                origins: dict[str, Origin] | None = None) -> IndexReport:
+                replace: bool, operation: str, kind: str, checkpoint: Path,
+                batch_size: int = 32, workers: int = 2, progress: bool = True,
+                origins: dict[str, Origin] | None = None,
+                ray: RayOptions | None = None) -> IndexReport:
+        """Encode ``cases`` (in this process, or on Ray with ``ray``) and write them as the next
+        generation; both encoders yield the same items in case order to this one writer."""
         origins = origins or {}
         engine = self._engine()
         with Session(engine) as session:
@@ -382,7 +343,12 @@ class Indexer:
             new_patients: list[Patient] = []
             new_rows: list[Slice] = []
             started = time.perf_counter()
-            for item in encode_cases(model, cases, batch_size, workers, progress=progress):
+            if ray is None:
+                items = encode_cases(model, cases, batch_size, workers, progress=progress)
+            else:
+                items = encode_cases_on_ray(ray, checkpoint, ckpt["weights_sha256"], cases,
+                                            batch_size, progress=progress)
+            for item in items:
                 if isinstance(item, tuple):
                     report.skipped.append((str(item[0].folder), item[1]))
                     continue

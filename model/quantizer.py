@@ -13,6 +13,7 @@ few the encoder found first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -44,7 +45,8 @@ class VectorQuantizer(nn.Module):
     - ``codebook_sum`` (K, D): EMA of the sum of the encoder outputs that chose each code.
 
     In training mode a forward pass updates all three; in eval mode it leaves them untouched.
-    Single-process: under DistributedDataParallel each rank would keep its own EMA statistics.
+    Under DistributedDataParallel, ``gather`` (set by ``model.distributed.wrap``) brings the
+    encoder outputs of every rank's rows, so that every rank updates from the global batch.
     """
 
     codebook: Tensor
@@ -77,6 +79,8 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("codebook_sum", codebook.clone())
         # False until the first training step seeds the codebook from data (``_init_from``).
         self.register_buffer("initialized", torch.tensor(False))
+        # (b, ...) rows of this process -> (B, ...) rows of the global batch; None: one process.
+        self.gather: Callable[[Tensor], Tensor] | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -108,17 +112,22 @@ class VectorQuantizer(nn.Module):
             codes = self._vectors(indices)  # (B, D, H, W), before this step's EMA update
 
             if self.training:
-                rows = flat.detach()  # (N, D)
+                if update is not None and update.shape not in ((batch,), (batch, height, width)):
+                    raise ValueError(f"update mask must have shape ({batch},) or "
+                                     f"({batch}, {height}, {width}), got {tuple(update.shape)}")
+                all_flat, all_indices, all_update = flat.detach(), flat_indices, update
+                if self.gather is not None:  # the global batch's rows (model/distributed.py)
+                    all_flat = self.gather(all_flat.view(batch, -1, self.code_dim)).flatten(0, 1)
+                    all_indices = self.gather(flat_indices.view(batch, -1)).flatten()
+                    if update is not None:
+                        all_update = self.gather(update.to(z.device, torch.uint8))
+                rows = all_flat  # (N, D)
                 keep = None
-                if update is not None:
-                    if update.shape == (batch,):
-                        keep = update.to(z.device, torch.bool).repeat_interleave(height * width)
-                    elif update.shape == (batch, height, width):
-                        keep = update.to(z.device, torch.bool).reshape(-1)
-                    else:
-                        raise ValueError(f"update mask must have shape ({batch},) or "
-                                         f"({batch}, {height}, {width}), got "
-                                         f"{tuple(update.shape)}")
+                if all_update is not None:
+                    keep = all_update.to(z.device, torch.bool)
+                    if keep.dim() == 1:  # by slice
+                        keep = keep.repeat_interleave(height * width)
+                    keep = keep.reshape(-1)
                     rows = rows[keep]  # (N', D)
                 if rows.shape[0]:
                     if not bool(self.initialized):
@@ -127,7 +136,9 @@ class VectorQuantizer(nn.Module):
                         flat_indices = distances.argmin(1)
                         indices = flat_indices.view(batch, height, width)
                         codes = self._vectors(indices)
-                    self._update(rows, flat_indices if keep is None else flat_indices[keep])
+                        all_indices = (flat_indices if self.gather is None else
+                                       torch.cdist(all_flat, self.codebook).argmin(1))
+                    self._update(rows, all_indices if keep is None else all_indices[keep])
 
             residual = (z - codes.detach()).pow(2)  # (B, D, H, W)
             # Straight-through: the value is exactly the code vectors (so re-decoding stored

@@ -34,6 +34,7 @@ from model.config import preset as model_preset
 from model.curves import plot_curves, read_log
 from model.data.dataset import SliceDataset
 from model.data.synth.appearance import render_batch
+from model.distributed import GlobalBatchNorm, Processes, from_environment, shutdown, wrap
 from model.held_out import evaluate
 from model.losses import DecompositionLoss, LossWeights
 from model.network import DecompositionNet
@@ -304,8 +305,28 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
     ``<out>.metrics.jsonl`` and the curves to ``<out>.curves.png``. A run resumed with
     ``resume=True`` continues exactly where the checkpoint stopped (same batches, same
     augmentation, same schedule), so one training can be split into several runs.
+
+    Launched by ``torchrun --nproc-per-node N``, the N processes train together
+    (model/distributed.py): each step is the one-process step on the same global batch of
+    ``config.batch_size`` slices, rank 0 evaluates and checkpoints, and a resume may use another N.
     """
+    processes = from_environment()
+    try:
+        return _train(data, out, config, resume, minutes, progress, log_line, processes)
+    finally:
+        shutdown(processes)
+
+
+def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,
+           minutes: float | None, progress: bool, log_line: Callable[[str], None] | None,
+           processes: Processes | None) -> dict:
     started = time.monotonic()
+    main = processes is None or processes.main
+    progress = progress and main
+    if processes is not None and config.batch_size % processes.world:
+        raise TrainingError(f"--batch-size {config.batch_size} (the global batch) does not "
+                            f"split over {processes.world} processes: use a multiple of "
+                            f"{processes.world}")
     out = Path(out)
     if (config.weights.gate or config.gate_by_position) and not config.abnormal_gate:
         raise TrainingError("a gate weight or a gate by position needs the gate: add "
@@ -326,6 +347,8 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
     elif not resume and out.exists():
         raise TrainingError(f"{out} exists: pass --resume to continue it, or choose another "
                             f"--out")
+    if processes is not None:  # every rank has checked `out` before rank 0 writes it
+        processes.barrier()
 
     # The split is drawn from the patients found; only held-out ones need their twins in memory.
     held_out = split_patients([c.pid for c in cases], config.val_fraction, config.seed)
@@ -343,7 +366,7 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
         eval_idx = [val_idx[int(i * stride)] for i in range(config.eval_slices)]
     steps_per_epoch = max(len(train_idx) // config.batch_size, 1)
 
-    device = _device()
+    device = processes.device if processes is not None else _device()
     torch.manual_seed(config.seed)
     model = DecompositionNet(model_config).to(device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -358,6 +381,9 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
         best = float(state.get("best_score", float("-inf")))
     elif config.init_from is not None:
         _warm_start(model, Path(config.init_from), config.preset)
+    # The forward pass of several processes: DDP, the rows of this rank (model/distributed.py).
+    forward = wrap(model, processes) if processes is not None else model
+    rows = processes.rows(config.batch_size) if processes is not None else slice(None)
     criterion = DecompositionLoss(config.weights, null_code=config.null_code,
                                   null_by_slice=config.null_by_slice)
     if state is not None and criterion.margin is not None and "margin_bank" in state:
@@ -368,7 +394,7 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
     best_path = out.with_name(out.stem + ".best" + out.suffix)
     extra = {"train_config": config.to_dict(), "data_fingerprint": fingerprint,
              "held_out_patients": sorted(held_out), "train_data": [str(d) for d in data],
-             "hardware": _hardware(device)}
+             "hardware": _hardware(device, processes)}
 
     def checkpoint(record: dict) -> None:
         nonlocal best
@@ -387,6 +413,9 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
                 k: v for k, v in payload.items() if k not in ("optimizer", "margin_bank")})
 
     def evaluation(totals: dict, since: int, seconds: float) -> dict:
+        if not main:  # rank 0 evaluates and checkpoints; the others wait for it
+            processes.barrier()
+            return {}
         t0 = time.monotonic()
         held = evaluate(model, dataset, eval_idx, device, monitor=monitor) if eval_idx else {}
         record = {
@@ -406,6 +435,8 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
                     title=f"{out.name}: preset {config.preset}, batch {config.batch_size}")
         if log_line:
             log_line(_summary(record))
+        if processes is not None:
+            processes.barrier()
         return record
 
     start_step = step
@@ -446,7 +477,13 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
                 group["lr"] = learning_rate(config, step)
             t0 = time.monotonic()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                output = model(x, lesion=lesion)
+                if processes is None:
+                    output = model(x, lesion=lesion)
+                else:  # this rank's rows, the outputs of all (model/distributed.py)
+                    with GlobalBatchNorm(processes):
+                        output = forward(x[rows], lesion=None if lesion is None else
+                                         lesion[rows])
+                    output = processes.gather_output(output)
             loss, terms = criterion(output, x.float(), target, batch["patient"])
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {step + 1}: lower the "
@@ -465,12 +502,15 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
             bar.update()
             out_of_time = budget is not None and (
                 time.monotonic() - started + last_eval_s >= budget)
+            stop_now = stop.raised
+            if processes is not None:  # every rank stops at the same step
+                out_of_time, stop_now = processes.any(out_of_time), processes.any(stop_now)
             if step % config.eval_every == 0 or step == config.steps or out_of_time \
-                    or stop.raised:
+                    or stop_now:
                 record = evaluation(totals, since, time.monotonic() - window_start)
-                last_eval_s = record["eval_s"] + 5.0
+                last_eval_s = record.get("eval_s", 0.0) + 5.0
                 totals, since, window_start = {}, 0, time.monotonic()
-            if out_of_time or stop.raised:
+            if out_of_time or stop_now:
                 break
     bar.close()
     return {"record": record, "skipped": skipped, "train_slices": len(train_idx),
@@ -479,10 +519,11 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
             else None}
 
 
-def _hardware(device: torch.device) -> str:
+def _hardware(device: torch.device, processes: Processes | None = None) -> str:
+    times = f"{processes.world} processes x " if processes is not None else ""
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        return f"{times}{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (f"{times}CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
             f"torch {torch.__version__}")
 
 

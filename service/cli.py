@@ -36,6 +36,16 @@ DbOpt = Annotated[
     typer.Option("--db", help="Catalogue URL (default: SQLite inside the index directory)."),
 ]
 CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", help="Model checkpoint.")]
+RayOpt = Annotated[bool, typer.Option(
+    "--ray", help="Read and encode on Ray (pip install '.[ray]'); the codes come back here, "
+                  "where the generation is written. Alone: a local Ray started for the run.")]
+RayAddressOpt = Annotated[str | None, typer.Option(
+    "--ray-address", help="With --ray: 'auto' joins the cluster RAY_ADDRESS names (or the one "
+                          "this node belongs to); else a cluster address, e.g. "
+                          "ray://head:10001.")]
+RayWorkersOpt = Annotated[int | None, typer.Option(
+    "--ray-workers", help="With --ray: encoding actors (default: one per GPU of the cluster, "
+                          "else half its CPUs).")]
 KIND_HELP = ("flat: IndexFlatL2 of the float vectors; codebook: the code indices in an exact "
              "product quantizer of the codebooks (same results, 80 B per slice in normal and in "
              "abnormal, concat read from those two).")
@@ -253,18 +263,39 @@ def _index_errors():
     return (IndexStoreError, CheckpointError, FileNotFoundError)
 
 
+def _ray_options(ray: bool, address: str | None, workers: int | None):
+    """``RayOptions`` for --ray, or None (this process encodes); checked before any work."""
+    if not ray:
+        for name, given in (("--ray-address", address), ("--ray-workers", workers)):
+            if given is not None:
+                _fail(f"{name} goes with --ray")
+        return None
+    from indexer.distributed import INSTALL_HINT, RayOptions
+
+    try:
+        import ray as _  # noqa: F401
+    except ImportError:
+        _fail(INSTALL_HINT)
+    if workers is not None and workers < 1:
+        _fail(f"--ray-workers must be at least 1, got {workers}")
+    return RayOptions(address=address or "local", workers=workers)
+
+
 @index_app.command("build")
 def index_build(data: DataOpt, out: Annotated[Path, typer.Option(help="Index directory.")],
                 checkpoint: CheckpointOpt = None, db: DbOpt = None,
                 batch_size: Annotated[int, typer.Option(help="Slices per encode batch.")] = 32,
                 workers: Annotated[int, typer.Option(help="NIfTI reader processes.")] = 2,
-                kind: Annotated[str, typer.Option(help=KIND_HELP)] = "flat") -> None:
+                kind: Annotated[str, typer.Option(help=KIND_HELP)] = "flat",
+                ray: RayOpt = False, ray_address: RayAddressOpt = None,
+                ray_workers: RayWorkersOpt = None) -> None:
     """Encode every brain slice of the cohorts into a new index directory."""
     from indexer.build import Indexer
 
     try:
         report = Indexer(out, db).build(data, checkpoint, kind=kind, batch_size=batch_size,
-                                        workers=workers)
+                                        workers=workers,
+                                        ray=_ray_options(ray, ray_address, ray_workers))
     except _index_errors() as exc:
         _fail(str(exc))
     _print_report(report)
@@ -294,7 +325,9 @@ def index_add(index: IndexOpt,
               workers: Annotated[int, typer.Option(help="NIfTI reader processes.")] = 2,
               kind: Annotated[str | None, typer.Option(
                   help="The index's kind (default: the one index.json records; another is "
-                       "refused).")] = None) -> None:
+                       "refused).")] = None,
+              ray: RayOpt = False, ray_address: RayAddressOpt = None,
+              ray_workers: RayWorkersOpt = None) -> None:
     """Add patients without re-encoding those already indexed: from cohort folders, DICOM
     folders or a PACS over DICOMweb (one source per call)."""
     from indexer.build import Indexer, add_dicom
@@ -309,7 +342,8 @@ def index_add(index: IndexOpt,
     if series and data:
         _fail("--series goes with --dicom or --dicomweb")
     indexer = Indexer(index, db)
-    options = {"replace": replace, "batch_size": batch_size, "workers": workers}
+    options = {"replace": replace, "batch_size": batch_size, "workers": workers,
+               "ray": _ray_options(ray, ray_address, ray_workers)}
     try:
         if data:
             report = indexer.add(data, checkpoint, kind=kind, **options)

@@ -212,7 +212,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
     hints = {"chromium": "apt-get install chromium (CI: CBIR_REQUIRE_BROWSER=1)",
              "PostgreSQL": "start the PostgreSQL server at 127.0.0.1:5432 (CI: "
                            "CBIR_REQUIRE_POSTGRES=1)",
-             "Orthanc": "apt-get install orthanc orthanc-dicomweb (CI: CBIR_REQUIRE_ORTHANC=1)"}
+             "Orthanc": "apt-get install orthanc orthanc-dicomweb (CI: CBIR_REQUIRE_ORTHANC=1)",
+             "Ray": "pip install -e '.[ray]' (CI: CBIR_REQUIRE_RAY=1)"}
     for reason, count in sorted(reasons.items()):
         hint = next((h for key, h in hints.items() if key in reason), None)
         line = f"{count} test{'s' if count > 1 else ''} skipped: {reason}"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from indexer.build import encode_slices
+from indexer.encoding import encode_slices
 from indexer.faiss_lib import faiss
 from model.data.brats import ANATOMY_LABELS
 from service.evaluation import figures, metrics

@@ -22,10 +22,12 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 import indexer.build as build_mod
+import indexer.encoding as encoding
 import indexer.verify as verify_module
 from indexer import store
-from indexer.build import DEFAULT_CHECKPOINT, Indexer, codebooks_of, encode_slices
+from indexer.build import DEFAULT_CHECKPOINT, Indexer, codebooks_of
 from indexer.catalog import Patient, Slice, active_build, decode_codes, make_engine
+from indexer.encoding import encode_slices
 from indexer.faiss_lib import faiss
 from indexer.layout import DIMS, SPACES, space_vectors
 from indexer.reference import Reference
@@ -456,13 +458,13 @@ def test_life_cycle(db_url, mini, tiny_checkpoint, model_books, tmp_path, monkey
     books = model_books[1]
     index_dir = tmp_path / "index"
     encoded: list[int] = []
-    real_encode = build_mod.encode_slices
+    real_encode = encoding.encode_slices
 
     def counting_encode(model, images, batch_size, device):
         encoded.append(len(images))
         return real_encode(model, images, batch_size, device)
 
-    monkeypatch.setattr(build_mod, "encode_slices", counting_encode)
+    monkeypatch.setattr(encoding, "encode_slices", counting_encode)
 
     # build with one patient
     report = Indexer(index_dir, db_url).build([mini[A]], tiny_checkpoint, workers=0,

@@ -297,10 +297,21 @@ def pip_problems(args: list[str]) -> list[str]:
             if e not in EXTRAS]
 
 
+def ray_problems(args: list[str]) -> list[str]:
+    """`ray start` with options that Ray's own command line (a click command) declares."""
+    from ray.scripts.scripts import start
+
+    if args[:1] != ["start"]:
+        return [f"ray {' '.join(args)}: expected `ray start`"]
+    known = {o for p in start.params for o in (*p.opts, *p.secondary_opts)}
+    return [f"ray start {a}: no such option" for a in args[1:]
+            if a.startswith("--") and a.split("=")[0] not in known]
+
+
 def command_problems(argv: list[str]) -> list[str]:
     name, args = argv[0], argv[1:]
     checks = {"cbir": cbir_problems, "python": python_problems, "python3": python_problems,
-              "alembic": alembic_problems, "pip": pip_problems}
+              "alembic": alembic_problems, "pip": pip_problems, "ray": ray_problems}
     if name in checks:
         return checks[name](args)
     return [] if name in BASE_COMMANDS else [f"{name}: neither a project nor a base command"]
@@ -450,7 +461,9 @@ def test_requirements_list_installs_exactly_one_faiss():
         faiss = [r for r in out if r.startswith("faiss")]
         assert len(faiss) == 1, (variant, faiss)
         assert faiss[0].startswith("faiss-cpu" if variant == "cpu" else "faiss-gpu"), variant
+        # and Ray, for the ray-head and ray-worker profiles
         others = [d for d in PYPROJECT["dependencies"] if not d.startswith("faiss")]
+        others += PYPROJECT["optional-dependencies"]["ray"]
         assert sorted(set(out) - set(faiss)) == sorted(others), variant
 
 
@@ -517,8 +530,23 @@ def test_named_volumes_are_declared():
 
 def test_profiles():
     profiles = {p for s in SERVICES.values() for p in s.get("profiles", [])}
-    assert profiles == {"indexer", "gpu"}
+    assert profiles == {"indexer", "gpu", "ray-head", "ray-worker"}
     assert SERVICES["indexer"]["profiles"] == ["indexer"]
+
+
+def test_ray_profiles_run_a_head_and_workers_from_the_service_image():
+    """README "Archive scale": `ray start` on the head (GCS 6379, client 10001) and workers that
+    join it by the compose name, from the image the API runs (Ray is in its requirements)."""
+    head, worker = SERVICES["ray-head"], SERVICES["ray-worker"]
+    assert head["profiles"] == ["ray-head"] and worker["profiles"] == ["ray-worker"]
+    assert head["image"] == worker["image"] == SERVICES["api"]["image"]
+    assert head["command"][:3] == ["ray", "start", "--head"] and "--block" in head["command"]
+    assert "--port=6379" in head["command"] and "--ray-client-server-port=10001" in head["command"]
+    assert worker["command"][:2] == ["ray", "start"] and "--block" in worker["command"]
+    assert "--address=ray-head:6379" in worker["command"]  # RAY_HEAD unset: the head beside it
+    assert ray_problems(["start", "--heda"])  # the check above can fail
+    assert "127.0.0.1:10001:10001" in head["ports"]
+
     assert "index" in {s for s, t, ro in mounts(SERVICES["indexer"]) if not ro}
 
 
