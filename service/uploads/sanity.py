@@ -28,7 +28,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from model.data import preprocess
-from model.data.synth.phantom import GRID_SHAPE, GRID_TO_MNI
+from model.data.synth.phantom import GRID_SHAPE, GRID_TO_MNI, SRI24_SCALE, SRI24_SHIFT_MM
 from model.data.synth.template import TEMPLATE_FILES, template_dir
 
 # A pixel belongs to the object above this value (a BraTS slice's background is exactly 0; the
@@ -145,16 +145,18 @@ def cut(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
 @functools.cache
 def atlas_outlines() -> dict[str, np.ndarray]:
     """plane -> (cuts, 64 * 64) float32: the MNI152 brain's cuts in each plane on the model's
-    grid (its nominal placement, ``GRID_TO_MNI``), as pooled outlines with holes filled.
+    grid where the SRI24 brain of BraTS space lies (the placement ``cbir synth`` draws patients
+    around: ``SRI24_SHIFT_MM``, ``SRI24_SCALE``), as pooled outlines with holes filled.
     Sagittal cuts come in both facings (anterior left and right). About 2 s, once per process."""
     img = nib.as_closest_canonical(nib.load(template_dir() / TEMPLATE_FILES["t1"]))
     brain = np.asarray(img.dataobj) > 0
     origin = np.linalg.solve(img.affine, [0, 0, 0, 1])[:3]
-    # grid voxel -> template voxel: the same millimetre, 1 mm both
+    # grid voxel -> template voxel: (grid mm + SRI24_SHIFT_MM) * SRI24_SCALE, 1 mm both
     grid = np.ones(GRID_SHAPE, bool)
     index = []
     for axis, n in enumerate(GRID_SHAPE):
-        at = np.round(np.arange(n) + GRID_TO_MNI[axis] + origin[axis]).astype(int)
+        mm = (np.arange(n) + GRID_TO_MNI[axis] + SRI24_SHIFT_MM[axis]) * SRI24_SCALE
+        at = np.round(mm + origin[axis]).astype(int)
         ok = (at >= 0) & (at < brain.shape[axis])
         grid &= ok.reshape([-1 if a == axis else 1 for a in range(3)])
         index.append(np.clip(at, 0, brain.shape[axis] - 1))
@@ -205,8 +207,10 @@ MAX_RIM = 1.5  # synthetic: <= 1.374 (the generator's random contrasts include a
 WIDE = ((15_000, 0.92),)
 # (area at least, mirror IoU below): synthetic >= 0.744 over 15,000 px.
 ASYMMETRIC = ((15_000, 0.65),)
-# (area at least, atlas Dice below): synthetic >= 0.873 over 15,000 px, >= 0.750 over 9,000 px.
-UNLIKE_ATLAS = ((15_000, 0.82), (9_000, 0.70))
+# (area at least, atlas Dice below): synthetic >= 0.873 over 15,000 px, >= 0.750 over 9,000 px
+# (seed 7, nominal placement); with patients drawn around the SRI24 placement, a low cut of the
+# seed-3 test cohort gives 0.694 at 9,000 px, so the 9,000 px line sits at 0.65.
+UNLIKE_ATLAS = ((15_000, 0.82), (9_000, 0.65))
 # The outline matches the atlas's coronal (sagittal) cuts better than its axial ones by more than
 # (area at least, Dice margin): synthetic axial slices' margin <= 0.017 over 9,000 px (coronal);
 # <= -0.024 over 9,000 px and <= 0.034 over 3,000 px (sagittal).
