@@ -2,7 +2,7 @@
 
 A thin driver, after Ray's batch-inference examples: Ray Data lists the cases, reads and
 preprocesses each in a CPU task (``indexer.encoding.read_case``), and encodes it in a pool of
-actors that each load the model once (``indexer.encoding.encode_case``; one GPU per actor when
+actors that each load the model once (``indexer.encoding.encode_slices``; one GPU per actor when
 the cluster has GPUs). The codes stream back to the driver in case order, where
 ``indexer.build.Indexer`` writes one generation exactly as the one-process build does. Ray
 schedules and recovers, with Ray Data's defaults: a read task lost with its worker is retried (3
@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from indexer import store
-from indexer.encoding import CaseSlices, EncodedPatient, encode_case, read_case
+from indexer.encoding import EncodedPatient, encode_slices, read_case
 from ingest.layouts import Case
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,10 @@ class _Encoder:
                 normal.append(np.zeros((0, 8, 8), np.int64))
                 abnormal.append(np.zeros((0, 8, 8), np.int64))
                 continue
-            read = CaseSlices(images=np.asarray(batch["images"][k], np.float32),
-                              slice_index=batch["slice_index"][k], areas=None,
-                              brain_area=batch["brain_area"][k], thumbnails=b"")
-            encoded = encode_case(self.model, None, read, self.batch_size, self.device)
-            normal.append(encoded.normal_idx)
-            abnormal.append(encoded.abnormal_idx)
+            n, a = encode_slices(self.model, np.asarray(batch["images"][k], np.float32),
+                                 self.batch_size, self.device)
+            normal.append(n)
+            abnormal.append(a)
         out = {key: batch[key] for key in batch if key != "images"}  # the pixels stay here
         out["normal_idx"], out["abnormal_idx"] = _column(normal), _column(abnormal)
         return out
