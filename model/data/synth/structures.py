@@ -3,8 +3,14 @@ cortical vessels.
 
 Skull-stripped real T1-Gd keeps some of each: the superior sagittal sinus as a bright triangle at
 the anterior and posterior midline edge, the straight and transverse sinuses at the tentorium,
-bright dura where the stripping left it, the falx as a bright midline line, choroid plexus in the
-atria of the lateral ventricles, and bright dots and curves of cortical vessels in the sulci.
+bright dura where the stripping left it, the falx as a bright midline line, the tentorium as a
+bright V between the occipital lobes and the cerebellum, choroid plexus in the atria of the
+lateral ventricles, and bright dots and curves of cortical vessels in the sulci.
+
+Sizes are roughly anatomy's, not a thin outline: the superior sagittal sinus about 7 mm
+across, a transverse sinus about 8 mm wide, the torcula (their confluence) about 10 mm. On axial
+slices through the posterior fossa the transverse sinuses and the tentorium are the widest bright
+bands of a normal T1-Gd; a model that only ever saw a 2 mm rim there calls them tumour.
 
 The fixed structures (sinuses, falx, choroid plexus) are drawn once on the template's grid
 (``template_structures``, positions in MNI mm), and each patient keeps a random part of each
@@ -22,11 +28,12 @@ from model.data.synth import tissue as T
 from model.data.synth.template import Template, load_template
 
 # Fixed structures on the template grid: ids of this map, not tissue ids.
-SSS, STRAIGHT, TRANSVERSE, FALX, CHOROID_ZONE = 1, 2, 3, 4, 5
+SSS, STRAIGHT, TRANSVERSE, FALX, CHOROID_ZONE, TORCULA, TENTORIUM = 1, 2, 3, 4, 5, 6, 7
 STRUCTURE_TISSUE = {SSS: T.SINUS, STRAIGHT: T.SINUS, TRANSVERSE: T.SINUS, FALX: T.DURA,
-                    CHOROID_ZONE: T.CHOROID}
+                    CHOROID_ZONE: T.CHOROID, TORCULA: T.SINUS, TENTORIUM: T.DURA}
 # Probability that a patient's image shows each (skull stripping keeps or removes them).
-STRUCTURE_SHOWN = {SSS: 0.7, STRAIGHT: 0.5, TRANSVERSE: 0.5, FALX: 0.4, CHOROID_ZONE: 0.8}
+STRUCTURE_SHOWN = {SSS: 0.7, STRAIGHT: 0.5, TRANSVERSE: 0.7, FALX: 0.4, CHOROID_ZONE: 0.8,
+                   TORCULA: 0.6, TENTORIUM: 0.6}
 
 
 def _tube(shape: tuple[int, ...], points: np.ndarray, radius: float) -> np.ndarray:
@@ -59,14 +66,19 @@ def template_structures() -> np.ndarray:
     yy, zz = np.nonzero(shell)
     keep = (z[zz] > 0) | ((y[yy] < -70) & (z[zz] > -8))
     pts = np.stack([np.full(keep.sum(), o[0]), yy[keep], zz[keep]], 1)
-    out[_tube(shape, pts, 2.5)] = SSS
+    out[_tube(shape, pts, 3.5)] = SSS
 
-    # Transverse sinuses: outside the posterior outline at the tentorium's level, descending
-    # laterally; the torcula at the midline joins them to the sagittal sinus.
-    outer = ndi.binary_dilation(brain, iterations=3) & ~ndi.binary_dilation(brain, iterations=1)
+    # Transverse sinuses: a band 7-8 mm wide hugging the posterior outline at the tentorium's
+    # level, descending laterally; the torcula at the midline joins them to the sagittal sinus.
+    outer = ndi.binary_dilation(brain, iterations=5) & ~ndi.binary_dilation(brain, iterations=1)
     level = -8.0 - 0.25 * np.abs(x)[:, None, None]
-    band = (np.abs(z[None, None, :] - level) < 2.5) & (y[None, :, None] < -55)
+    band = (np.abs(z[None, None, :] - level) < 4.0) & (y[None, :, None] < -55)
     out[outer & band & (out == 0)] = TRANSVERSE
+    # The torcula: a ball of about 10 mm where the sinuses meet behind the occipital poles.
+    back = np.nonzero(mid[:, int(round(o[2] - 4))])[0]  # brain rows of the midline, z = -4 mm
+    if back.size:
+        torcula = np.array([[o[0], back.min() - 2.0, o[2] - 4.0]])
+        out[_tube(shape, torcula, 5.0) & (out == 0)] = TORCULA
 
     # Straight sinus: from the vein of Galen to the torcula, along the tentorium's midline.
     t = np.linspace(0, 1, 120)[:, None]
@@ -85,6 +97,13 @@ def template_structures() -> np.ndarray:
     # Choroid plexus zone: the atria and posterior bodies of the lateral ventricles.
     vent = (tpl.anatomy == 5) | (tpl.anatomy == 6)
     out[vent & (y[None, :, None] < -22) & (out == 0)] = CHOROID_ZONE
+
+    # Tentorium cerebelli: the dural sheet between the occipital and temporal lobes above and
+    # the cerebellum below, 2 mm of cerebrum along their interface.
+    cerebellum = (tpl.anatomy == 3) | (tpl.anatomy == 4)
+    cerebrum = (tpl.anatomy == 1) | (tpl.anatomy == 2)
+    sheet = ndi.binary_dilation(cerebellum, iterations=2) & cerebrum
+    out[sheet & (out == 0)] = TENTORIUM
     return out
 
 
