@@ -1,9 +1,13 @@
-"""The composed query's trade-off: `cbir eval`'s compose figures with the abnormal half's
-balanced weight scaled by each factor given, on one index and one query cohort.
+"""The composed query's trade-off: `cbir eval`'s compose figures under other ways of joining the
+two halves, on one index and one query cohort.
 
     python -m bench.compose_weighting INDEX QUERY_DIR 1,0.3,0.1,0.03
+    python -m bench.compose_weighting INDEX QUERY_DIR shortlist:20,shortlist:100,rrf:60
 
-Use a query cohort of its own (not the one the README's table reports) when choosing a weight.
+A number scales the abnormal half's balanced weight. ``shortlist:M`` keeps the M slices nearest
+in anatomy (normal half) and ranks them by the balanced sum; ``rrf:C`` ranks by reciprocal rank
+fusion, 1 / (C + normal rank) + 1 / (C + abnormal rank). Use a query cohort of its own (not the
+one the README's table reports) when choosing.
 """
 
 from __future__ import annotations
@@ -11,19 +15,53 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from service.evaluation.protocol import evaluate
 from service.retrieval import Retrieval
 
 
-def main(index: Path, queries: Path, factors: list[float], k: int = 5) -> None:
-    balanced = Retrieval.compose_weights
-    try:
-        for factor in factors:
-            def scaled(self, lesion, factor=factor):
-                w_normal, w_abnormal = balanced(self, lesion)
-                return w_normal, w_abnormal * factor
+def _ranked_compose(rule: str, size: int):
+    """A stand-in for ``Retrieval.compose`` ranking by ``rule``; hits carry what eval reads."""
+    balanced = Retrieval.compose
 
-            Retrieval.compose_weights = scaled
+    def compose(self, codes, k, timings, weighting="balanced", **filters):
+        every = balanced(self, codes, len(self.slice_ids), timings, weighting="balanced",
+                         **filters)
+        rows = {h.slice_id: h for h in every}
+        ids = np.array([h.slice_id for h in every])
+        at = {s: i for i, s in enumerate(self.slice_ids.tolist())}
+        pos = np.array([at[s] for s in ids])
+        tables = {name: self.code_tables[name][np.asarray(idx, np.int64).reshape(64)]
+                  for name, idx in (("normal", codes.normal), ("abnormal", codes.abnormal))}
+        block = self.codes[pos].reshape(-1, 2, 64).astype(np.int64)
+        halves = [tables[name][np.arange(64)[None, :], block[:, c]].sum(1)
+                  for c, name in enumerate(("normal", "abnormal"))]
+        if rule == "shortlist":  # `every` is in balanced order already
+            near = np.sort(np.argsort(halves[0], kind="stable")[:size])
+            order = near
+        else:
+            ranks = [np.argsort(np.argsort(h, kind="stable")) for h in halves]
+            order = np.argsort(-(1.0 / (size + ranks[0]) + 1.0 / (size + ranks[1])),
+                               kind="stable")
+        return [rows[int(ids[i])] for i in order[:k]]
+
+    return compose
+
+
+def main(index: Path, queries: Path, specs: list[str], k: int = 5) -> None:
+    weights, compose = Retrieval.compose_weights, Retrieval.compose
+    try:
+        for spec in specs:
+            rule, _, size = spec.partition(":")
+            if rule in ("shortlist", "rrf"):
+                Retrieval.compose = _ranked_compose(rule, int(size))
+            else:
+                def scaled(self, lesion, factor=float(spec)):
+                    w_normal, w_abnormal = weights(self, lesion)
+                    return w_normal, w_abnormal * factor
+
+                Retrieval.compose, Retrieval.compose_weights = compose, scaled
             ev = evaluate(index, [queries], ks=(k,), max_queries=64, seed=0, draws=50,
                           progress=False)
             fig = ev.result["figures"]["compose"]
@@ -31,16 +69,15 @@ def main(index: Path, queries: Path, factors: list[float], k: int = 5) -> None:
             def value(name, method, fig=fig):
                 return fig[name]["at_k"][str(k)][method]["value"]
 
-            print(f"abnormal weight x {factor:g}: anatomy Dice against A "
-                  f"{value('normal_dice_a', 'model'):.3f} (random "
-                  f"{value('normal_dice_a', 'random'):.3f}), lesion Dice against B "
+            print(f"{spec}: anatomy Dice against A {value('normal_dice_a', 'model'):.3f} "
+                  f"(random {value('normal_dice_a', 'random'):.3f}), lesion Dice against B "
                   f"{value('lesion_dice_b', 'model'):.3f} (random "
                   f"{value('lesion_dice_b', 'random'):.3f})", flush=True)
     finally:
-        Retrieval.compose_weights = balanced
+        Retrieval.compose, Retrieval.compose_weights = compose, weights
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 4:
         sys.exit(__doc__)
-    main(Path(sys.argv[1]), Path(sys.argv[2]), [float(f) for f in sys.argv[3].split(",")])
+    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(","))
