@@ -2,10 +2,11 @@
 two halves, on one index and one query cohort.
 
     python -m bench.compose_weighting INDEX QUERY_DIR 1,0.3,0.1,0.03
-    python -m bench.compose_weighting INDEX QUERY_DIR shortlist:20,shortlist:100,rrf:60
+    python -m bench.compose_weighting INDEX QUERY_DIR shortlist:20,lesionlist:50,rrf:60
 
 A number scales the abnormal half's balanced weight. ``shortlist:M`` keeps the M slices nearest
-in anatomy (normal half) and ranks them by the balanced sum; ``rrf:C`` ranks by reciprocal rank
+in anatomy (normal half) and ranks them by the balanced sum; ``lesionlist:M`` keeps the M
+nearest in lesion (abnormal half) and ranks them by anatomy; ``rrf:C`` ranks by reciprocal rank
 fusion, 1 / (C + normal rank) + 1 / (C + abnormal rank). Use a query cohort of its own (not the
 one the README's table reports) when choosing.
 """
@@ -30,16 +31,13 @@ def _ranked_compose(rule: str, size: int):
                          **filters)
         rows = {h.slice_id: h for h in every}
         ids = np.array([h.slice_id for h in every])
-        at = {s: i for i, s in enumerate(self.slice_ids.tolist())}
-        pos = np.array([at[s] for s in ids])
-        tables = {name: self.code_tables[name][np.asarray(idx, np.int64).reshape(64)]
-                  for name, idx in (("normal", codes.normal), ("abnormal", codes.abnormal))}
-        block = self.codes[pos].reshape(-1, 2, 64).astype(np.int64)
-        halves = [tables[name][np.arange(64)[None, :], block[:, c]].sum(1)
-                  for c, name in enumerate(("normal", "abnormal"))]
+        found = self.compose_halves(codes, np.searchsorted(self.slice_ids, ids))
+        halves = [found["normal"], found["abnormal"]]
         if rule == "shortlist":  # `every` is in balanced order already
-            near = np.sort(np.argsort(halves[0], kind="stable")[:size])
-            order = near
+            order = np.sort(np.argsort(halves[0], kind="stable")[:size])
+        elif rule == "lesionlist":
+            near = np.argsort(halves[1], kind="stable")[:size]
+            order = near[np.argsort(halves[0][near], kind="stable")]
         else:
             ranks = [np.argsort(np.argsort(h, kind="stable")) for h in halves]
             order = np.argsort(-(1.0 / (size + ranks[0]) + 1.0 / (size + ranks[1])),
@@ -54,7 +52,7 @@ def main(index: Path, queries: Path, specs: list[str], k: int = 5) -> None:
     try:
         for spec in specs:
             rule, _, size = spec.partition(":")
-            if rule in ("shortlist", "rrf"):
+            if rule in ("shortlist", "lesionlist", "rrf"):
                 Retrieval.compose = _ranked_compose(rule, int(size))
             else:
                 def scaled(self, lesion, factor=float(spec)):

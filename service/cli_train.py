@@ -15,8 +15,9 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def recorded_recipe(path: Path):
-    """The training recipe a checkpoint records, as a new run's starting point: its cohort
-    monitors are dropped (they name folders of the machine it was trained on)."""
+    """The training recipe a checkpoint records, as a new run's starting point, warm-started
+    from that checkpoint's own weights (not from the run it continued); its cohort monitors are
+    dropped (they name folders of the machine it was trained on)."""
     from model.checkpoint import CheckpointError, read_checkpoint
     from model.train import TrainConfig, TrainingError
 
@@ -27,7 +28,7 @@ def recorded_recipe(path: Path):
     if not recorded:
         raise TrainingError(f"--from-config: {path} records no training recipe (a checkpoint "
                             f"exported before recipes were recorded?)")
-    return dataclasses.replace(TrainConfig.from_dict(recorded), monitor=[])
+    return dataclasses.replace(TrainConfig.from_dict(recorded), monitor=[], init_from=str(path))
 
 
 def train(

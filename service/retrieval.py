@@ -397,6 +397,22 @@ class Retrieval:
         medians = [self.reference.median(s, lesion) for s in ("normal", "abnormal")]
         return tuple(1.0 / m if m > 0 else 1.0 for m in medians)
 
+    def compose_halves(self, codes: Codes, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Squared L2 of each half ("normal", "abnormal") between a query's codes and the stored
+        codes of ``rows`` (indices into the loaded arrays), each (len(rows),): exact, through the
+        codebooks' distance tables (64 look-ups per half and slice, ``COLUMNS`` slices at a
+        time), with no FAISS search."""
+        tables = {name: self.code_tables[name][np.asarray(idx, np.int64).reshape(64)]  # (64, K)
+                  for name, idx in (("normal", codes.normal), ("abnormal", codes.abnormal))}
+        positions = np.arange(64)[None, :]
+        halves = {name: np.empty(len(rows)) for name in tables}
+        for start in range(0, len(rows), COLUMNS):
+            block = self.codes[rows[start:start + COLUMNS]].reshape(-1, 2, 64)
+            for c, name in enumerate(("normal", "abnormal")):
+                halves[name][start:start + COLUMNS] = tables[name][
+                    positions, block[:, c].astype(np.int64)].sum(1)
+        return halves
+
     def compose(self, codes: Codes, k: int, timings: Timings, weighting: str = "balanced",
                 exclude_patient: str | None = None, has_abnormality: bool | None = None,
                 exclude_patient_ids: tuple[int, ...] = (), group_by_patient: bool = False,
@@ -408,8 +424,7 @@ class Retrieval:
         decides (a lesion code's: the lesion donor's own neighbours come back, issue 22).
         ``balanced`` (default): each half's squared distance over its typical best-match
         distance (``compose_weights``), summed, so a typical anatomy match and a typical lesion
-        match count alike. Computed exactly from the stored codes through the codebooks' distance
-        tables (64 look-ups per half and slice, ``COLUMNS`` slices at a time); a hit's
+        match count alike. Computed exactly from the stored codes (``compose_halves``); a hit's
         ``distance`` is that weighted sum and its match percentile the lower of its two halves'.
         """
         if weighting == "plain":
@@ -425,15 +440,7 @@ class Retrieval:
                                              has_abnormality))
             if keep.size == 0 or k <= 0:
                 return []
-            rows_t = {name: self.code_tables[name][np.asarray(idx, np.int64).reshape(64)]  # (64, K)
-                      for name, idx in (("normal", codes.normal), ("abnormal", codes.abnormal))}
-            positions = np.arange(64)[None, :]
-            halves = {name: np.empty(keep.size) for name in rows_t}
-            for start in range(0, keep.size, COLUMNS):
-                block = self.codes[keep[start:start + COLUMNS]].reshape(-1, 2, 64)
-                for c, name in enumerate(("normal", "abnormal")):
-                    halves[name][start:start + COLUMNS] = rows_t[name][
-                        positions, block[:, c].astype(np.int64)].sum(1)
+            halves = self.compose_halves(codes, keep)
             total = w_normal * halves["normal"] + w_abnormal * halves["abnormal"]
             order = np.argsort(total, kind="stable")
             if group_by_patient:

@@ -149,6 +149,7 @@ def test_train_from_config_takes_another_checkpoints_recipe(synth_cohort, tmp_pa
     assert recipe["null_code"] and recipe["null_by_slice"] and recipe["abnormal_gate"]
     assert recipe["weights"]["pi"] == 500 and recipe["preset"] == "tiny"
     assert recipe["lr"] == 1e-3 and recipe["batch_size"] == 2
+    assert recipe["init_from"] == str(first)  # the warm start is that checkpoint's own weights
     shipped = read_checkpoint(DEFAULT_CHECKPOINT)["train_config"]
     assert shipped["null_code"] and shipped["abnormal_gate"]  # the shipped recipe is there
     result = runner.invoke(app, ["train", "--data", str(synth_cohort), "--out", str(second),
