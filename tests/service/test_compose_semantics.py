@@ -35,9 +35,10 @@ MID_LEVEL = 77  # the middle of the 155 axial levels: anatomy donors from the mi
 
 
 XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "issue 22, open: with the shipped checkpoint the composed top 5 are the lesion donor's own "
-    "neighbours (measured: levels 95-99 for an anatomy donor at level 76, the lesion donor's "
-    "abnormal-space neighbours 21 levels away); a retrained checkpoint must pass this"))
+    "issue 22, open: with the shipped checkpoint (stage 3) 2 of the composed top 5 hold a lesion "
+    "where this test asks 3 (measured 2026-12-06); with stage 2 they were the lesion donor's own "
+    "neighbours (levels 95-99 for an anatomy donor at level 76); a checkpoint that composes must "
+    "pass this"))
 
 
 @dataclass(frozen=True)
