@@ -14,7 +14,8 @@ preprocessing, and the consensus label of five BraTS algorithms):
   co-registered;
 - the shipped model's predicted lesion (any class) against the consensus label (any label),
   Dice over the slices both volumes index (>= ``MIN_BRAIN_PIXELS`` brain pixels), on our
-  preprocessed raw case and on the given BraTS-space volume;
+  preprocessed raw case and on the given BraTS-space volume, and on how many label-free and
+  labelled slices it draws any lesion;
 - how the synthetic phantoms' MNI template lies against the SRI24 brain (``--placement`` prints
   only this): Dice of the two brain masks and the ratio of their voxel counts at the nominal
   placement (``GRID_TO_MNI``) and at the one patients are drawn around, and the best shift and
@@ -153,11 +154,15 @@ def main() -> None:
         & (preprocess.brain_area(preprocess.axial_slices(given.array))
            >= preprocess.MIN_BRAIN_PIXELS))
     truth = preprocess.axial_slices(seg)[rows]
+    labelled = truth.any(axis=(1, 2))
     for name, vol in (("preprocessed raw", out.image), ("given BraTS-space", given.array)):
         pred = predicted_lesion(model, vol, rows)
+        drawn = pred.any(axis=(1, 2))
         print(f"lesion Dice, {name:18s} {dice(pred, truth):.3f} "
-              f"(predicted {int(pred.sum())} px, consensus {int(truth.sum())} px, "
-              f"{len(rows)} slices)", flush=True)
+              f"(predicted {int(pred.sum())} px, {int((pred & truth).sum())} of them on the "
+              f"consensus {int(truth.sum())} px, {len(rows)} slices); a lesion drawn on "
+              f"{int(drawn[~labelled].sum())} of {int((~labelled).sum())} label-free and "
+              f"{int(drawn[labelled].sum())} of {int(labelled.sum())} labelled slices", flush=True)
 
     _print_placement()
 
