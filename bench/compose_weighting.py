@@ -3,11 +3,14 @@ two halves, on one index and one query cohort.
 
     python -m bench.compose_weighting INDEX QUERY_DIR 1,0.3,0.1,0.03
     python -m bench.compose_weighting INDEX QUERY_DIR shortlist:20,lesionlist:50,rrf:60
+    python -m bench.compose_weighting INDEX QUERY_DIR lesions:1,lesions:0
 
-A number scales the abnormal half's balanced weight. ``shortlist:M`` keeps the M slices nearest
-in anatomy (normal half) and ranks them by the balanced sum; ``lesionlist:M`` keeps the M
-nearest in lesion (abnormal half) and ranks them by anatomy; ``rrf:C`` ranks by reciprocal rank
-fusion, 1 / (C + normal rank) + 1 / (C + abnormal rank). Use a query cohort of its own (not the
+A number scales the abnormal half's balanced weight; ``lesions:F`` does the same among the
+reference slices with a lesion only (``/compose``'s ``has_abnormality=true`` filter).
+``shortlist:M`` keeps the M slices nearest in anatomy (normal half) and ranks them by the
+balanced sum; ``lesionlist:M`` keeps the M nearest in lesion (abnormal half) and ranks them by
+anatomy; ``rrf:C`` ranks by reciprocal rank fusion, 1 / (C + normal rank) + 1 / (C + abnormal
+rank). Use a query cohort of its own (not the
 one the README's table reports) when choosing.
 """
 
@@ -47,6 +50,14 @@ def _ranked_compose(rule: str, size: int):
     return compose
 
 
+def _with_lesion(compose):
+    """``compose`` among the reference slices with a lesion only."""
+    def restricted(self, codes, k, timings, weighting="balanced", **filters):
+        return compose(self, codes, k, timings, weighting, **{**filters, "has_abnormality": True})
+
+    return restricted
+
+
 def main(index: Path, queries: Path, specs: list[str], k: int = 5) -> None:
     weights, compose = Retrieval.compose_weights, Retrieval.compose
     try:
@@ -55,11 +66,12 @@ def main(index: Path, queries: Path, specs: list[str], k: int = 5) -> None:
             if rule in ("shortlist", "lesionlist", "rrf"):
                 Retrieval.compose = _ranked_compose(rule, int(size))
             else:
-                def scaled(self, lesion, factor=float(spec)):
+                def scaled(self, lesion, factor=float(size if rule == "lesions" else spec)):
                     w_normal, w_abnormal = weights(self, lesion)
                     return w_normal, w_abnormal * factor
 
-                Retrieval.compose, Retrieval.compose_weights = compose, scaled
+                Retrieval.compose, Retrieval.compose_weights = (
+                    _with_lesion(compose) if rule == "lesions" else compose), scaled
             ev = evaluate(index, [queries], ks=(k,), max_queries=64, seed=0, draws=50,
                           progress=False)
             fig = ev.result["figures"]["compose"]
