@@ -10,8 +10,7 @@ reference slices with a lesion only (``/compose``'s ``has_abnormality=true`` fil
 ``shortlist:M`` keeps the M slices nearest in anatomy (normal half) and ranks them by the
 balanced sum; ``lesionlist:M`` keeps the M nearest in lesion (abnormal half) and ranks them by
 anatomy; ``rrf:C`` ranks by reciprocal rank fusion, 1 / (C + normal rank) + 1 / (C + abnormal
-rank). Use a query cohort of its own (not the
-one the README's table reports) when choosing.
+rank). Use a query cohort of its own (not the one the README's table reports) when choosing.
 """
 
 from __future__ import annotations
@@ -66,12 +65,14 @@ def main(index: Path, queries: Path, specs: list[str], k: int = 5) -> None:
             if rule in ("shortlist", "lesionlist", "rrf"):
                 Retrieval.compose = _ranked_compose(rule, int(size))
             else:
-                def scaled(self, lesion, factor=float(size if rule == "lesions" else spec)):
+                lesions_only = rule == "lesions"
+
+                def scaled(self, lesion, factor=float(size if lesions_only else spec)):
                     w_normal, w_abnormal = weights(self, lesion)
                     return w_normal, w_abnormal * factor
 
-                Retrieval.compose, Retrieval.compose_weights = (
-                    _with_lesion(compose) if rule == "lesions" else compose), scaled
+                Retrieval.compose = _with_lesion(compose) if lesions_only else compose
+                Retrieval.compose_weights = scaled
             ev = evaluate(index, [queries], ks=(k,), max_queries=64, seed=0, draws=50,
                           progress=False)
             fig = ev.result["figures"]["compose"]
