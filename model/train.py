@@ -33,7 +33,7 @@ from model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from model.config import preset as model_preset
 from model.curves import plot_curves, read_log
 from model.data.dataset import SliceDataset
-from model.data.synth.appearance import render_batch
+from model.data.synth.appearance import SLAB_HALF, render_batch
 from model.distributed import GlobalBatchNorm, Processes, from_environment, shutdown, wrap
 from model.held_out import evaluate
 from model.losses import DecompositionLoss, LossWeights
@@ -63,6 +63,10 @@ class TrainConfig:
     # from it with a random appearance (model/data/synth/appearance.py) instead of its stored
     # image: learning from label maps, as SynthSeg does. 0: the stored images only.
     render: float = 0.0
+    # Of those drawn afresh, the probability that one is drawn as a thick-sliced clinical scan
+    # resampled to 1 mm shows it: partial volume through the plane, from the tissue levels around
+    # the slice (appearance.render_thick). 0: every drawn slice is a 1 mm one.
+    thick_slices: float = 0.0
     # Cohorts of real scans measured at every evaluation (model/held_out.py, monitor_figures):
     # logged beside the held-out figures, never trained on, never used to select a checkpoint.
     monitor: list[str] = field(default_factory=list)
@@ -171,24 +175,29 @@ def _device() -> torch.device:
 
 def _batch(dataset: SliceDataset, items: list[int], patient_number: dict[str, int]) -> dict:
     rows = [dataset[i] for i in items]
-    batch = {key: torch.stack([r[key] for r in rows]) for key in ("image", "abnormal", "tissue")}
+    batch = {key: torch.stack([r[key] for r in rows])
+             for key in ("image", "abnormal", "tissue", "tissue_slab") if key in rows[0]}
     batch["patient"] = torch.tensor([patient_number[r["pid"]] for r in rows])
     batch["has_tissue"] = torch.tensor([bool(r["has_tissue"]) for r in rows])
     return batch
 
 
-def redraw(batch: dict, probability: float, seed: int, device: torch.device) -> dict:
+def redraw(batch: dict, probability: float, seed: int, device: torch.device,
+           thick: float = 0.0) -> dict:
     """Replace each slice that has a tissue map, with ``probability``, by a fresh rendering of
-    it (``appearance.render_batch``); its labels stay. Every draw is a function of ``seed``."""
+    it (``appearance.render_batch``; with ``thick`` and the batch's ``tissue_slab``, some as
+    thick-sliced scans); its labels stay. Every draw is a function of ``seed``."""
     g = torch.Generator().manual_seed(seed)
     draw = torch.rand(len(batch["image"]), generator=g) < probability
     chosen = draw & batch["has_tissue"].cpu()
     if not chosen.any():
         return batch
     rows = chosen.nonzero().flatten().to(device)
+    slabs = batch.get("tissue_slab")
     fresh = render_batch(batch["tissue"][rows].long(),
                          torch.Generator(device=device).manual_seed(seed),
-                         np.random.default_rng(seed))
+                         np.random.default_rng(seed),
+                         slabs=None if slabs is None else slabs[rows].long(), thick=thick)
     out = dict(batch)
     out["image"] = batch["image"].index_copy(0, rows, fresh.to(batch["image"].dtype))
     return out
@@ -334,6 +343,9 @@ def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,
     if config.gate_by_position and not config.weights.gate:
         raise TrainingError("the gate by position learns from its cross-entropy alone: give "
                             "it a --gate-weight")
+    if config.thick_slices > 0 and config.render == 0:
+        raise TrainingError("--thick-slices draws some of the slices --render draws afresh: "
+                            "give --render too")
     cases, skipped = _load_cases(data)
     fingerprint = data_fingerprint(
         [(c.pid, [f for f in (c.t1ce, c.seg) if f is not None]) for c in cases])
@@ -352,7 +364,8 @@ def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,
 
     # The split is drawn from the patients found; only held-out ones need their twins in memory.
     held_out = split_patients([c.pid for c in cases], config.val_fraction, config.seed)
-    dataset = SliceDataset(cases, progress=progress, twins=held_out, tissue=config.render > 0)
+    dataset = SliceDataset(cases, progress=progress, twins=held_out, tissue=config.render > 0,
+                           slab_half=SLAB_HALF if config.thick_slices > 0 else 0)
     skipped += dataset.skipped
     if len(dataset) == 0:
         raise TrainingError("no readable brain slice in the data")
@@ -462,7 +475,8 @@ def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,
             # Augment where the model runs: on a GPU the resampling would otherwise bound the step.
             batch = {k: v.to(device) for k, v in batch.items()}
             if config.render > 0:
-                batch = redraw(batch, config.render, config.seed * 3_000_017 + step, device)
+                batch = redraw(batch, config.render, config.seed * 3_000_017 + step, device,
+                               thick=config.thick_slices)
             if config.augment:
                 batch = augment(batch, torch.Generator().manual_seed(config.seed * 7919 + step))
             x = batch["image"].contiguous(memory_format=memory_format)

@@ -108,6 +108,10 @@ def train(
     render: Annotated[float | None, typer.Option(
         help="Probability that a synthetic training slice is drawn afresh from its tissue map "
              "with a random appearance instead of its stored image (default 0).")] = None,
+    thick_slices: Annotated[float | None, typer.Option(
+        help="With --render: probability that a slice drawn afresh is drawn as a thick-sliced "
+             "clinical scan (2-6 mm) resampled to 1 mm, with its through-plane partial volume "
+             "(default 0).")] = None,
     monitor: Annotated[list[Path] | None, typer.Option(
         help="Real cohort measured at every evaluation, never trained on and never used to "
              "select a checkpoint (repeatable).")] = None,
@@ -132,7 +136,8 @@ def train(
         "null_code": null_code, "null_by_slice": null_by_slice,
         "abnormal_gate": abnormal_gate, "gate_by_position": gate_by_position,
         "init_from": None if init_from is None else str(init_from),
-        "render": render, "monitor": None if monitor is None else [str(m) for m in monitor],
+        "render": render, "thick_slices": thick_slices,
+        "monitor": None if monitor is None else [str(m) for m in monitor],
         "bf16": bf16, "channels_last": channels_last}.items() if v is not None}
     weights = {k: v for k, v in {"rec": rec_weight, "seg": seg_weight, "sep": sep_weight, "pi": pi,
                                  "sep_margin": sep_margin, "gate": gate_weight}.items()
@@ -151,8 +156,9 @@ def train(
     for name, value in (("--lr", lr), ("--min-lr", min_lr), ("--minutes", minutes)):
         if value is not None and not value > 0:
             _fail(f"{name} must be positive, got {value}")
-    if render is not None and not 0 <= render <= 1:
-        _fail(f"--render must lie in [0, 1], got {render}")
+    for name, value in (("--render", render), ("--thick-slices", thick_slices)):
+        if value is not None and not 0 <= value <= 1:
+            _fail(f"{name} must lie in [0, 1], got {value}")
     if val_fraction is not None and not 0 <= val_fraction < 1:
         _fail(f"--val-fraction must lie in [0, 1), got {val_fraction}")
     try:

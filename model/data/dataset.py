@@ -10,6 +10,8 @@ Each item is a dict:
 - ``healthy``: (1, 256, 256) float32 lesion-free ground truth, or -1 everywhere when absent;
 - ``tissue``: (256, 256) uint8 tissue ids the image was rendered from (synthetic cohorts, when
   loaded with ``tissue=True``), 0 everywhere when absent; ``has_tissue`` says which;
+- ``tissue_slab`` (only with ``slab_half`` > 0): (2 x slab_half + 1, 256, 256) uint8, the tissue
+  levels around the slice, centre = ``tissue``, 0 (background) beyond the stored slices;
 - ``pid``, ``slice_index``.
 
 Slices whose brain area is below ``preprocess.MIN_BRAIN_PIXELS`` are skipped. Patients that fail
@@ -74,11 +76,14 @@ class SliceDataset(Dataset):
     """Brain-containing axial slices of a set of patients, held in memory after one scan."""
 
     def __init__(self, cases: Iterable[Case], progress: bool = False,
-                 twins: set[str] | None = None, tissue: bool = False):
+                 twins: set[str] | None = None, tissue: bool = False, slab_half: int = 0):
         """``twins``: the patients whose lesion-free twin and anatomy labels are loaded (None:
         all; training needs them for its held-out patients only, and they are half the memory).
-        ``tissue``: load the tissue maps of synthetic patients (training renders them)."""
+        ``tissue``: load the tissue maps of synthetic patients (training renders them);
+        ``slab_half``: with them, each item's ``tissue_slab`` reaches this many levels each way
+        (thick-slice rendering, ``appearance.render_thick``)."""
         cases = list(cases)
+        self.slab_half = slab_half if tissue else 0
         self.patients: list[SliceStacks] = []
         self.skipped: list[tuple[Path, str]] = []
         for case in tqdm(cases, desc="loading patients", unit="patient", disable=not progress):
@@ -120,7 +125,10 @@ class SliceDataset(Dataset):
         anatomy = st.anatomy[r].astype(np.int64) if st.anatomy is not None else np.full(shape, -1)
         healthy = st.healthy[r] if st.healthy is not None else np.full(shape, -1, np.float32)
         tissue = st.tissue[r] if st.tissue is not None else np.zeros(shape, np.uint8)
-        return {
+        extra = {} if not self.slab_half else {"tissue_slab": torch.from_numpy(
+            self._slab(st, r) if st.tissue is not None
+            else np.zeros((2 * self.slab_half + 1, *shape), np.uint8))}
+        return extra | {
             "image": torch.from_numpy(st.image[r][None].copy()),
             "abnormal": torch.from_numpy(abnormal.astype(np.int64)),
             "has_seg": st.abnormal is not None,
@@ -131,3 +139,13 @@ class SliceDataset(Dataset):
             "pid": st.pid,
             "slice_index": int(st.slice_index[r]),
         }
+
+    def _slab(self, st: SliceStacks, r: int) -> np.ndarray:
+        """The tissue levels slice_index - slab_half .. + slab_half of row ``r``; a level not
+        stored (too little brain to keep) is background."""
+        wanted = st.slice_index[r] + np.arange(-self.slab_half, self.slab_half + 1)
+        rows = np.searchsorted(st.slice_index, wanted).clip(0, len(st.slice_index) - 1)
+        present = st.slice_index[rows] == wanted
+        slab = st.tissue[rows]
+        slab[~present] = 0
+        return slab

@@ -301,6 +301,43 @@ def test_redraw_replaces_only_slices_with_a_tissue_map_and_keeps_labels():
     assert (redraw(batch, 0.0, seed=3, device=torch.device("cpu"))["image"] == image).all()
 
 
+def test_redraw_draws_thick_slices_from_the_slab_when_asked():
+    from model.data.synth import tissue as T
+    from model.data.synth.appearance import SLAB_HALF
+    from model.train import redraw
+
+    tissue = torch.zeros(4, 64, 64, dtype=torch.uint8)
+    tissue[:, 8:56, 8:56] = T.WM
+    slab = tissue[:, None].repeat(1, 2 * SLAB_HALF + 1, 1, 1)
+    slab[:, SLAB_HALF + 1, 20:30, 20:30] = T.ENHANCING  # only in the level above
+    batch = {"image": torch.full((4, 1, 64, 64), 0.5), "abnormal": torch.zeros(4, 64, 64),
+             "tissue": tissue, "tissue_slab": slab, "has_tissue": torch.ones(4, dtype=bool)}
+    cpu = torch.device("cpu")
+    thin = redraw(batch, 1.0, seed=5, device=cpu)["image"]
+    # thick 0: the slab is not read, the draws are those of a batch without one.
+    no_slab = {k: v for k, v in batch.items() if k != "tissue_slab"}
+    torch.testing.assert_close(thin, redraw(no_slab, 1.0, seed=5, device=cpu)["image"])
+    # The same draws with and without the lesion in the level above: the thick slices show it
+    # (brighter against the white matter around), the 1 mm ones do not.
+    plain = dict(batch, tissue_slab=tissue[:, None].repeat(1, 2 * SLAB_HALF + 1, 1, 1))
+    torch.testing.assert_close(thin, redraw(plain, 1.0, seed=5, device=cpu)["image"])
+
+    def contrast(image):
+        return (image[:, 0, 20:30, 20:30].flatten(1).median(1).values
+                / image[:, 0, 40:50, 40:50].flatten(1).median(1).values)
+
+    with_lesion = contrast(redraw(batch, 1.0, seed=5, device=cpu, thick=1.0)["image"])
+    without = contrast(redraw(plain, 1.0, seed=5, device=cpu, thick=1.0)["image"])
+    assert (with_lesion > without + 0.02).all()
+
+
+def test_thick_slices_need_render(cohort, tmp_path):
+    from model.train import TrainConfig, TrainingError, train
+
+    with pytest.raises(TrainingError, match="--thick-slices.*--render"):
+        train([cohort], tmp_path / "run.pt", TrainConfig(steps=1, thick_slices=0.5))
+
+
 def test_render_run_logs_the_monitored_cohort(cohort, synth_cohort, tmp_path):
     """A run that redraws from tissue maps, monitoring a cohort it neither trains on nor selects
     by: its figures are logged at every evaluation and the score ignores them."""

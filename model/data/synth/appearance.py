@@ -8,7 +8,9 @@ Medical Image Analysis 2023), in this order:
    per-voxel Gaussian spread around it (the per-voxel draw is also the texture);
 2. a smooth multiplicative texture field;
 3. partial volume and scanner resolution: a Gaussian blur, and along some axes a lower resolution
-   (area-averaged down by a factor, linearly back), e.g. a thick axial slice;
+   (area-averaged down by a factor, linearly back), e.g. a thick axial slice; a 2-D training
+   slice gets the through-plane partial volume of a thick-sliced scan from the slab of tissue
+   levels around it (``render_thick``);
 4. a smooth multiplicative bias field;
 5. Rician noise;
 6. the brain mask re-applied (BraTS volumes are skull-stripped with a background of exactly 0);
@@ -146,20 +148,34 @@ def render_raw(tissue: Tensor, appearance: Appearance, generator: torch.Generato
     Draws: per-voxel spread, texture field, bias field, then two noise volumes, always in that
     order and shape.
     """
-    device = tissue.device
-    shape = tuple(tissue.shape)
-    means = torch.tensor(appearance.means, device=device)
-    spread = torch.tensor(appearance.spread, device=device)
-    x = means[tissue] * (1 + spread[tissue] * torch.randn(shape, generator=generator,
-                                                            device=device))
+    x = _tissue_intensity(tissue, appearance, generator)
+    cells = 6 if tissue.dim() == 2 else 5
+    x = x * (1 + appearance.texture * _smooth_field(tuple(tissue.shape), 4 * cells, generator,
+                                                    tissue.device))
+    return _acquire(x, tissue > 0, appearance, generator)
+
+
+def _tissue_intensity(tissue: Tensor, appearance: Appearance, generator: torch.Generator
+                      ) -> Tensor:
+    """Step 1: each voxel its class mean times (1 + its class spread x a normal draw)."""
+    means = torch.tensor(appearance.means, device=tissue.device)
+    spread = torch.tensor(appearance.spread, device=tissue.device)
+    return means[tissue] * (1 + spread[tissue] * torch.randn(
+        tuple(tissue.shape), generator=generator, device=tissue.device))
+
+
+def _acquire(x: Tensor, brain: Tensor, appearance: Appearance, generator: torch.Generator
+             ) -> Tensor:
+    """Steps 3-6 on an intensity map: blur and resolution, bias field, Rician noise, mask."""
+    device = x.device
+    shape = tuple(x.shape)
     cells = 6 if len(shape) == 2 else 5
-    x = x * (1 + appearance.texture * _smooth_field(shape, 4 * cells, generator, device))
     x = _lower_resolution(blur(x, appearance.blur), appearance.resolution)
     x = x * torch.exp(appearance.bias * _smooth_field(shape, cells, generator, device))
     n1 = torch.randn(shape, generator=generator, device=device)
     n2 = torch.randn(shape, generator=generator, device=device)
     x = torch.sqrt((x + appearance.noise * n1) ** 2 + (appearance.noise * n2) ** 2)
-    return torch.where(tissue > 0, x, torch.zeros((), device=device))
+    return torch.where(brain, x, torch.zeros((), device=device))
 
 
 def brain_scale(raw: Tensor, brain: Tensor) -> Tensor:
@@ -190,7 +206,75 @@ def render(tissue: Tensor, appearance: Appearance, generator: torch.Generator) -
     return finish(render_raw(tissue, appearance, generator), tissue > 0, appearance)
 
 
-def render_batch(tissue: Tensor, generator: torch.Generator, rng: np.random.Generator) -> Tensor:
-    """(B, H, W) label slices -> (B, 1, H, W) images, each with its own random appearance."""
-    return torch.stack([
-        render(t, sample_appearance(rng, 2), generator) for t in tissue])[:, None]
+@dataclass(frozen=True)
+class ThickSlice:
+    """A clinical acquisition along the axial axis, resampled to 1 mm as BraTS preprocessing does:
+    slices ``spacing`` mm apart and ``thickness`` mm thick (a gap when less), the first centre
+    ``phase`` mm (in [0, spacing)) from the 1 mm level that is rendered."""
+
+    spacing: float
+    thickness: float
+    phase: float
+
+
+# The slab of 1 mm tissue levels a thick-slice rendering reads on each side of its level: the
+# longest kernel, spacing 6 and phase 0, reaches 1.5 x 6 mm away.
+SLAB_HALF = 9
+
+
+def sample_thick_slice(rng: np.random.Generator) -> ThickSlice:
+    """Clinical 2-6 mm axial slices (the prior of ``sample_appearance``'s thick volumes), each
+    70-100 % of its spacing thick, at a random phase to the 1 mm grid."""
+    spacing = float(rng.uniform(2.0, 6.0))
+    return ThickSlice(spacing=spacing, thickness=spacing * float(rng.uniform(0.7, 1.0)),
+                      phase=float(rng.uniform(0.0, spacing)))
+
+
+def through_plane_weights(acquisition: ThickSlice, half: int = SLAB_HALF) -> np.ndarray:
+    """What each 1 mm level at offsets -half..half contributes to the level at offset 0.
+
+    The acquired slices on either side of level 0 (centres ``phase - spacing`` and ``phase``)
+    each average the tissue under their box profile; level 0 is their linear interpolation, as a
+    thick-sliced scan resampled to 1 mm is. Level d covers [d - 0.5, d + 0.5]; the weights sum
+    to 1 (``half`` must reach 1.5 x spacing).
+    """
+    s, t, phase = acquisition.spacing, acquisition.thickness, acquisition.phase
+    offsets = np.arange(-half, half + 1, dtype=np.float64)
+    weights = np.zeros_like(offsets)
+    for centre, share in ((phase - s, phase / s), (phase, 1.0 - phase / s)):
+        lo = np.maximum(offsets - 0.5, centre - t / 2)
+        hi = np.minimum(offsets + 0.5, centre + t / 2)
+        weights += share * np.clip(hi - lo, 0.0, None) / t
+    return weights
+
+
+def render_thick(slab: Tensor, acquisition: ThickSlice, appearance: Appearance,
+                 generator: torch.Generator) -> Tensor:
+    """The centre level of a (2 x half + 1, H, W) tissue slab as a thick-sliced scan shows it:
+    partial volume through the plane (``through_plane_weights``), then the 2-D ``appearance``.
+    Tissue outside the brain takes part until the centre level's brain mask removes it."""
+    half = slab.shape[0] // 2
+    weights = torch.tensor(through_plane_weights(acquisition, half), device=slab.device,
+                           dtype=torch.float32)
+    x = (weights[:, None, None] * _tissue_intensity(slab, appearance, generator)).sum(0)
+    x = x * (1 + appearance.texture * _smooth_field(tuple(x.shape), 24, generator, slab.device))
+    brain = slab[half] > 0
+    return finish(_acquire(x, brain, appearance, generator), brain, appearance)
+
+
+def render_batch(tissue: Tensor, generator: torch.Generator, rng: np.random.Generator,
+                 slabs: Tensor | None = None, thick: float = 0.0) -> Tensor:
+    """(B, H, W) label slices -> (B, 1, H, W) images, each with its own random appearance.
+
+    With ``slabs`` ((B, 2 x half + 1, H, W), the levels around each slice), each slice is, with
+    probability ``thick``, drawn as a thick-sliced acquisition (``render_thick``); ``thick`` 0
+    draws exactly what it draws without slabs.
+    """
+    images = []
+    for i, t in enumerate(tissue):
+        look = sample_appearance(rng, 2)
+        if slabs is not None and thick > 0 and rng.random() < thick:
+            images.append(render_thick(slabs[i], sample_thick_slice(rng), look, generator))
+        else:
+            images.append(render(t, look, generator))
+    return torch.stack(images)[:, None]

@@ -163,3 +163,26 @@ def test_dataloader_default_collate(dataset):
     first = dataset[0]
     assert torch.equal(batch["image"][0], first["image"])
     assert batch["slice_index"][0].item() == first["slice_index"]
+
+
+def test_tissue_slabs_hold_the_levels_around_each_slice(synth_cohort):
+    """With ``slab_half``, an item's ``tissue_slab`` is its patient's tissue levels around it, in
+    order, centre = ``tissue``; levels not stored are background."""
+    cases = find_cases(synth_cohort).cases[:1]
+    plain = SliceDataset(cases, tissue=True)
+    slabbed = SliceDataset(cases, tissue=True, slab_half=3)
+    assert "tissue_slab" not in plain[0]
+    by_level = {plain[i]["slice_index"]: plain[i]["tissue"] for i in range(len(plain))}
+    assert len(slabbed) == len(plain)
+    for i in (0, len(slabbed) // 2, len(slabbed) - 1):
+        item = slabbed[i]
+        assert item["tissue_slab"].shape == (7, 256, 256)
+        assert item["tissue_slab"].dtype == torch.uint8
+        torch.testing.assert_close(item["tissue_slab"][3], item["tissue"])
+        for k, level in enumerate(range(item["slice_index"] - 3, item["slice_index"] + 4)):
+            expected = by_level.get(level, torch.zeros(256, 256, dtype=torch.uint8))
+            torch.testing.assert_close(item["tissue_slab"][k], expected)
+    # The first stored slice has no stored level below it.
+    assert not slabbed[0]["tissue_slab"][0].any()
+    # Without tissue maps there is no slab to give.
+    assert "tissue_slab" not in SliceDataset(cases, slab_half=3)[0]

@@ -107,3 +107,66 @@ def test_volumes_render_too(shape):
     look = A.sample_appearance(np.random.default_rng(0), 3, thick_axis=2)
     x = A.render(torch.from_numpy(t), look, torch.Generator().manual_seed(0))
     assert x.shape == shape and (x[torch.from_numpy(t) == 0] == 0).all()
+
+
+@pytest.mark.parametrize("spacing,thickness,phase", [
+    (1.0, 1.0, 0.0), (2.0, 2.0, 0.5), (5.5, 4.0, 3.1), (6.0, 6.0, 0.0), (6.0, 4.2, 5.99)])
+def test_through_plane_weights_sum_to_one_and_span_the_two_slices_around_the_level(
+        spacing, thickness, phase):
+    cut = A.ThickSlice(spacing=spacing, thickness=thickness, phase=phase)
+    w = A.through_plane_weights(cut)
+    assert w.shape == (2 * A.SLAB_HALF + 1,) and (w >= 0).all()
+    assert w.sum() == pytest.approx(1.0, abs=1e-9)
+    levels = np.flatnonzero(w > 1e-12) - A.SLAB_HALF
+    # Nothing beyond the two acquired slices' boxes: [phase - spacing - t/2, phase + t/2].
+    assert levels.min() >= np.floor(phase - spacing - thickness / 2 + 0.5) - 1e-9
+    assert levels.max() <= np.ceil(phase + thickness / 2 - 0.5) + 1e-9
+
+
+def test_through_plane_weights_of_a_1mm_scan_are_the_level_itself():
+    w = A.through_plane_weights(A.ThickSlice(spacing=1.0, thickness=1.0, phase=0.0))
+    expected = np.zeros_like(w)
+    expected[A.SLAB_HALF] = 1.0
+    np.testing.assert_allclose(w, expected, atol=1e-12)
+
+
+def test_a_thick_slice_shows_the_tissue_of_the_levels_around_it():
+    """A bright square two levels above a slice without it: a 1 mm rendering does not show it, a
+    thick-sliced one does, partly (partial volume), and the slice's own mask still holds."""
+    half = A.SLAB_HALF
+    slab = torch.stack([_map()] * (2 * half + 1))
+    slab[half + 2, 40:56, 40:56] = T.ENHANCING  # replaces the CSF square above the level
+    look = _plain()
+    thin = A.render_thick(slab, A.ThickSlice(1.0, 1.0, 0.0), look,
+                          torch.Generator().manual_seed(0))
+    thick = A.render_thick(slab, A.ThickSlice(5.0, 5.0, 0.0), look,
+                           torch.Generator().manual_seed(0))
+    flat = A.render(slab[half], look, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(thin, flat)
+    csf = slab[half] == T.CSF
+    assert thick[csf].median() > 1.2 * thin[csf].median()
+    assert thick[csf].median() < look.means[T.ENHANCING] * thin[slab[half] == T.WM].median()
+    assert (thick[slab[half] == 0] == 0).all()
+
+
+def test_render_batch_draws_thick_slices_with_their_probability_only():
+    half = A.SLAB_HALF
+    tissue = torch.stack([_map()] * 6)
+    slabs = torch.stack([torch.stack([_map()] * (2 * half + 1))] * 6)
+    slabs[:, half + 2, 40:56, 40:56] = T.ENHANCING
+
+    def draw(**kw):
+        return A.render_batch(tissue, torch.Generator().manual_seed(4), np.random.default_rng(4),
+                              **kw)
+
+    base = draw()
+    torch.testing.assert_close(draw(slabs=slabs, thick=0.0), base)
+    torch.testing.assert_close(draw(slabs=slabs, thick=1.0), draw(slabs=slabs, thick=1.0))
+    # Every slice thick-sliced: the square above shows in the CSF of each (1 mm: it cannot).
+    thick = draw(slabs=slabs, thick=1.0)
+    csf = tissue[0] == T.CSF
+    wm = tissue[0] == T.WM
+    ratio = [float(x[0][csf].median() / x[0][wm].median()) for x in thick]
+    ratio_thin = [float(x[0][csf].median() / x[0][wm].median()) for x in base]
+    assert min(r - t for r, t in zip(ratio, ratio_thin, strict=True)) > -0.05
+    assert np.mean(ratio) > np.mean(ratio_thin) + 0.05
