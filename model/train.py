@@ -197,7 +197,7 @@ def redraw(batch: dict, probability: float, seed: int, device: torch.device,
     fresh = render_batch(batch["tissue"][rows].long(),
                          torch.Generator(device=device).manual_seed(seed),
                          np.random.default_rng(seed),
-                         slabs=None if slabs is None else slabs[rows].long(), thick=thick)
+                         slabs=None if slabs is None else slabs[rows], thick=thick)
     out = dict(batch)
     out["image"] = batch["image"].index_copy(0, rows, fresh.to(batch["image"].dtype))
     return out

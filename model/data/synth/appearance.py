@@ -148,10 +148,7 @@ def render_raw(tissue: Tensor, appearance: Appearance, generator: torch.Generato
     Draws: per-voxel spread, texture field, bias field, then two noise volumes, always in that
     order and shape.
     """
-    x = _tissue_intensity(tissue, appearance, generator)
-    cells = 6 if tissue.dim() == 2 else 5
-    x = x * (1 + appearance.texture * _smooth_field(tuple(tissue.shape), 4 * cells, generator,
-                                                    tissue.device))
+    x = _textured(_tissue_intensity(tissue, appearance, generator), appearance, generator)
     return _acquire(x, tissue > 0, appearance, generator)
 
 
@@ -162,6 +159,13 @@ def _tissue_intensity(tissue: Tensor, appearance: Appearance, generator: torch.G
     spread = torch.tensor(appearance.spread, device=tissue.device)
     return means[tissue] * (1 + spread[tissue] * torch.randn(
         tuple(tissue.shape), generator=generator, device=tissue.device))
+
+
+def _textured(x: Tensor, appearance: Appearance, generator: torch.Generator) -> Tensor:
+    """Step 2: a smooth multiplicative texture field."""
+    cells = 6 if x.dim() == 2 else 5
+    return x * (1 + appearance.texture * _smooth_field(tuple(x.shape), 4 * cells, generator,
+                                                       x.device))
 
 
 def _acquire(x: Tensor, brain: Tensor, appearance: Appearance, generator: torch.Generator
@@ -253,11 +257,12 @@ def render_thick(slab: Tensor, acquisition: ThickSlice, appearance: Appearance,
     """The centre level of a (2 x half + 1, H, W) tissue slab as a thick-sliced scan shows it:
     partial volume through the plane (``through_plane_weights``), then the 2-D ``appearance``.
     Tissue outside the brain takes part until the centre level's brain mask removes it."""
+    slab = slab.long()
     half = slab.shape[0] // 2
     weights = torch.tensor(through_plane_weights(acquisition, half), device=slab.device,
                            dtype=torch.float32)
     x = (weights[:, None, None] * _tissue_intensity(slab, appearance, generator)).sum(0)
-    x = x * (1 + appearance.texture * _smooth_field(tuple(x.shape), 24, generator, slab.device))
+    x = _textured(x, appearance, generator)
     brain = slab[half] > 0
     return finish(_acquire(x, brain, appearance, generator), brain, appearance)
 
