@@ -15,6 +15,8 @@ export class Archive {
     this.slices = [];
     this.thumbURL = null;
     this.timer = null;
+    this.loading = null; // the patient list's one request, shared by every caller
+    this.shown = 0; // which showPatient call is the latest: only its answer is shown
     const part = (name) => root.querySelector(`#${prefix}-${name}`);
     this.select = part('patient');
     this.slider = part('slider');
@@ -33,7 +35,17 @@ export class Archive {
     this.slider.addEventListener('input', () => this.moved());
   }
 
-  async load() {
+  // The patient list, fetched once (again only after a failure) and shown with its first
+  // patient. The examples wait for it, so that its first patient never replaces theirs.
+  load() {
+    this.loading ??= this.fill().catch((err) => {
+      this.loading = null;
+      throw err;
+    });
+    return this.loading;
+  }
+
+  async fill() {
     this.patients = await (await this.request('GET', '/patients')).json();
     this.select.replaceChildren(...this.patients.map((p) => {
       const lesion = p.has_labels ? `, ${p.lesion_slices} with lesion` : '';
@@ -45,11 +57,14 @@ export class Archive {
     if (this.patients.length) await this.showPatient(this.patients[0].patient_id);
   }
 
-  // A patient's slices; the slider starts on `sliceId` or on the middle slice.
+  // A patient's slices; the slider starts on `sliceId` or on the middle slice. A call
+  // overtaken by a later one (another patient chosen meanwhile) shows nothing and answers false.
   async showPatient(patientId, sliceId = null) {
+    const call = ++this.shown;
     this.select.value = patientId;
     const path = `/patients/${encodeURIComponent(patientId)}`;
     const info = await (await this.request('GET', path)).json();
+    if (call !== this.shown) return false;
     this.patient = info;
     this.slices = info.slices;
     this.slider.min = '0';
@@ -57,6 +72,7 @@ export class Archive {
     const at = this.slices.findIndex((s) => s.slice_id === sliceId);
     this.slider.value = String(at >= 0 ? at : Math.floor(this.slices.length / 2));
     await this.showThumb();
+    return true;
   }
 
   current() {
@@ -97,10 +113,10 @@ export class Archive {
 
   // The example: the patient with the most lesion slices, its lesion slice nearest the middle.
   async example() {
-    if (!this.patients.length) await this.load();
+    await this.load();
     const best = [...this.patients].sort((a, b) => b.lesion_slices - a.lesion_slices)[0];
     if (!best) return null;
-    await this.showPatient(best.patient_id);
+    if (!(await this.showPatient(best.patient_id))) return null;
     const middle = Math.floor(this.slices.length / 2);
     const order = this.slices.map((s, i) => [Math.abs(i - middle), i, s])
       .sort((a, b) => a[0] - b[0]);
@@ -114,11 +130,11 @@ export class Archive {
   // A lesion-free slice of another patient than `slice`'s, at the level nearest to it: the
   // anatomy donor of the compose example (the patient with the fewest lesion slices).
   async anatomyFor(slice) {
-    if (!this.patients.length) await this.load();
+    await this.load();
     const others = this.patients.filter((p) => p.patient_id !== slice.patient_id);
     const donor = [...others].sort((a, b) => a.lesion_slices - b.lesion_slices)[0];
     if (!donor) return null;
-    await this.showPatient(donor.patient_id);
+    if (!(await this.showPatient(donor.patient_id))) return null;
     const order = this.slices.map((s, i) => [Math.abs(s.slice_index - slice.slice_index), i, s])
       .sort((a, b) => a[0] - b[0]);
     const pick = order.find(([, , s]) => s.has_abnormality === false) ?? order[0];

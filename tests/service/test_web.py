@@ -472,8 +472,11 @@ def test_the_archive_and_the_example(page, live_server, retrieval):
         page.click("#try-example")
     assert response.value.ok and "group=patient" in response.value.url
     example = response.value.json()
+    expect(cards(page)).to_have_count(len(example["neighbors"]))
     shown = page.locator("#neighbors .neighbor-card .patient").all_inner_texts()
     own = page.locator("#archive-patient").input_value()
+    row = list(retrieval.slice_ids).index(example["slice_id"])
+    assert retrieval.patient_by_external[own] == retrieval.slice_patient[row]
     assert own not in shown and len(shown) == len(set(shown)) == len(example["neighbors"])
     expect(page.locator("#search-title")).to_contain_text(f"patient {own}")
 
