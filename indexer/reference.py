@@ -44,13 +44,22 @@ MAX_PAIRS = 20_000_000  # sample x index size: a few seconds of look-ups at most
 COLUMNS = 1 << 16  # indexed slices whose distances to the sample are held at once
 
 
+def _tolerance(distances: np.ndarray) -> float:
+    """Rounding of a squared distance among sorted ``distances``: float32 FAISS distances of
+    equal codes can differ from the float64 table by this much."""
+    return 1e-6 * max(1.0, float(distances[-1]))
+
+
 def codebook_tables(codebooks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Squared L2 distance between every two rows of each codebook: (K, K) float64."""
+    """Squared L2 distance between every two rows of each codebook: (K, K) float64, exactly 0
+    between a row and itself (the expanded form leaves about 1e-13 there, which a median of
+    slices sharing one code would read as their typical distance)."""
     tables = {}
     for name, book in codebooks.items():
         b = np.asarray(book, np.float64)
         sq = (b ** 2).sum(1)
         tables[name] = np.maximum(sq[:, None] + sq[None, :] - 2.0 * b @ b.T, 0.0)
+        np.fill_diagonal(tables[name], 0.0)
     return tables
 
 
@@ -155,15 +164,17 @@ class Reference:
         return mine if len(mine) >= MIN_GROUP else ref
 
     def median(self, space: str, lesion: bool | None = None) -> float:
-        return float(np.median(self.group(space, lesion)))
+        """The group's median; 0 when it lies within rounding of 0 (most of the group shares
+        one code exactly, as lesion-free slices share the null code)."""
+        ref = self.group(space, lesion)
+        median = float(np.median(ref))
+        return 0.0 if median <= _tolerance(ref) else median
 
     def match_percentile(self, space: str, distance: float, lesion: bool | None = None) -> float:
         """Share (0..100) of the sampled nearest-neighbour distances of the query's status
         (``group``) that are >= ``distance``."""
         ref = self.group(space, lesion)
-        # float32 FAISS distances of equal codes can differ from the float64 table by rounding
-        tolerance = 1e-6 * max(1.0, float(ref[-1]))
-        at_least = len(ref) - np.searchsorted(ref, distance - tolerance, side="left")
+        at_least = len(ref) - np.searchsorted(ref, distance - _tolerance(ref), side="left")
         return round(100.0 * at_least / len(ref), 1)
 
     def far(self, space: str, distance: float, lesion: bool | None = None) -> float | None:

@@ -391,7 +391,9 @@ class Retrieval:
     def compose_weights(self, lesion: bool | None) -> tuple[float, float]:
         """Weights of the normal and abnormal halves of a balanced composed distance: one over
         each space's median best-match distance for a query of this status (1, 1 without a
-        reference)."""
+        reference). A median of 0 (most slices of this status share one code exactly, as
+        lesion-free ones share the null code) gives weight 1: any other code then counts by its
+        squared distance, far beyond a typical match of the other half."""
         if self.reference is None:
             return 1.0, 1.0
         medians = [self.reference.median(s, lesion) for s in ("normal", "abnormal")]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from indexer import reference, store
 from indexer.layout import SPACES
 from indexer.reference import Reference
-from service.retrieval import Codes, Timings
+from service.retrieval import Codes, Retrieval, Timings
 
 
 def test_table_distances_equal_a_faiss_search(retrieval):
@@ -48,6 +50,28 @@ def test_percentiles_and_what_is_far():
         100.0, 75.0, 25.0, 0.0]
     assert ref.far("normal", 4.0) is None  # as far as the farthest sampled best match
     assert ref.far("normal", 5.0) == pytest.approx(2.0)  # beyond all: 2x the median
+
+
+def test_slices_sharing_a_code_are_at_distance_zero():
+    """Equal codes are exactly 0 apart, not the expanded form's rounding: a group whose slices
+    mostly share one code has median 0, and the balanced compose weight stays finite."""
+    book = np.random.default_rng(0).normal(0, 4.0, (64, 64))
+    square = (book ** 2).sum(1)
+    expanded = np.diag(square[:, None] + square[None, :] - 2.0 * book @ book.T)
+    shared = int(np.argmax(expanded))  # a row the expanded form puts above 0 from itself
+    assert expanded[shared] > 0
+    books = {"normal": np.eye(4, 64) * 30.0, "abnormal": book}
+    tables = reference.codebook_tables(books)
+    assert all((np.diag(t) == 0).all() for t in tables.values())
+    codes = np.zeros((12, 2, 8, 8), np.uint16)
+    codes[:, 1] = shared  # every slice the same non-null abnormal code
+    codes[::4, 0, 0, 0] = 1  # and a few anatomies apart
+    ref = Reference.measure(books, codes, np.arange(12) % 3, np.zeros(12, np.int8))
+    assert ref.median("abnormal", lesion=False) == 0.0
+    rounded = Reference({s: np.array([0.0, 2e-13, 3e-13, 5.0]) for s in SPACES}, 4)
+    assert rounded.median("abnormal") == 0.0  # a stored reference measured with rounding
+    weights = Retrieval.compose_weights(SimpleNamespace(reference=rounded), lesion=False)
+    assert weights == (1.0, 1.0)
 
 
 def test_one_patient_has_no_reference():
