@@ -19,10 +19,8 @@ What is compared, and why with these tolerances (measured on this machine, fp32)
   (gradients) and 1e-12 (buffers): the distributed step is exact, fp32 rounding is all that
   is left. Measured here in fp32 (relative norms): running statistics 1.3e-4, codebooks 9.5e-3,
   Adam's first and second moments 3.2e-2 and 4.3e-3, losses < 1e-4 (up to 3.8e-4 for the
-  abnormal code's distance term, ``dis``, on the test cohort drawn with wider venous sinuses,
-  and 6.4e-4 for its commitment term on lesion slices, ``commit_abn_lesion``, once the cohort
-  had sigmoid sinuses too: both read the codebooks, which differ the most). The tolerances are
-  about 1.5-3x that (the losses' 1e-3 about 1.6x), below
+  abnormal code's distance term, ``dis``, on the test cohort drawn with wider venous sinuses:
+  it reads the codebooks, which differ the most). The tolerances are about 1.5-3x that, below
   what a known way of getting it wrong gives: BatchNorm on each rank's half batch
   (measured: losses 1.6e-3, running statistics 4.3e-2, first moments 0.24) or gradients summed
   rather than averaged over the ranks (first moments 1.0).
@@ -49,7 +47,7 @@ RECIPE = {"preset": "tiny", "steps": STEPS, "batch_size": BATCH, "lr": LR, "min_
           "warmup_steps": 0, "eval_every": 2, "seed": 0, "val_fraction": 0.0,
           "bf16": False, "channels_last": False}
 # Relative errors ||a - b|| / ||b|| allowed (see the module docstring).
-LOSS_TOL, BN_TOL, CODEBOOK_TOL, MOMENT_TOL = 1e-3, 5e-4, 3e-2, 1e-1
+LOSS_TOL, BN_TOL, CODEBOOK_TOL, MOMENT_TOL = 6e-4, 5e-4, 3e-2, 1e-1
 
 
 def _config() -> TrainConfig:
