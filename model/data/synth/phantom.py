@@ -273,10 +273,6 @@ def render_patient(seed_seq: np.random.SeedSequence, tpl: Template, structures: 
         tissue_h = drawn
         tissue_h[vessels] = T.VESSEL
         tissue_h[dura] = T.DURA
-        # Structures added later: drawn last, from a child sequence, so that every draw above
-        # and below, and the patient they make, is the same as before they were added.
-        added = np.random.default_rng(seed_seq.spawn(1)[0])
-        tissue_h = S.overlay(tissue_h, maps_h["structures"], np.tanh(coverage), added, S.ADDED)
     _place_lesions(rng, patient, p, maps_h)
 
     tissue_l = tissue_h.copy()

@@ -33,10 +33,6 @@ SSS, STRAIGHT, TRANSVERSE, FALX, CHOROID_ZONE, TORCULA, TENTORIUM, SIGMOID = 1, 
 STRUCTURE_TISSUE = {SSS: T.SINUS, STRAIGHT: T.SINUS, TRANSVERSE: T.SINUS, FALX: T.DURA,
                     CHOROID_ZONE: T.CHOROID, TORCULA: T.SINUS, TENTORIUM: T.DURA,
                     SIGMOID: T.SINUS}
-# Structures added after cohorts were in use: drawn last, from their own generator, so that
-# adding one leaves every other draw of a seed, and so its patients, as they were.
-ADDED = (SIGMOID,)
-FIRST = tuple(sid for sid in STRUCTURE_TISSUE if sid not in ADDED)
 # Probability that a patient's image shows each (skull stripping keeps or removes them).
 STRUCTURE_SHOWN = {SSS: 0.7, STRAIGHT: 0.5, TRANSVERSE: 0.7, FALX: 0.4, CHOROID_ZONE: 0.8,
                    TORCULA: 0.6, TENTORIUM: 0.6, SIGMOID: 0.6}
@@ -80,6 +76,14 @@ def template_structures() -> np.ndarray:
     level = -8.0 - 0.25 * np.abs(x)[:, None, None]
     band = (np.abs(z[None, None, :] - level) < 4.0) & (y[None, :, None] < -55)
     out[outer & band & (out == 0)] = TRANSVERSE
+    # Sigmoid sinuses: each transverse sinus's lateral end turns down and forward in an S along
+    # the cerebellum's lateral surface to the jugular foramen, about 8 mm across; on axial
+    # slices through the posterior fossa, a bright crescent at the cerebellum's outer edge.
+    t = np.linspace(0, 1, 160)[:, None]
+    near = ndi.binary_dilation(brain, iterations=5)
+    for side in (-1.0, 1.0):
+        path = np.concatenate([side * (52.0 - 8.0 * t), -62.0 + 26.0 * t, -20.0 - 24.0 * t], 1)
+        out[_tube(shape, path + o, 4.0) & near & (out == 0)] = SIGMOID
     # The torcula: a ball of about 10 mm where the sinuses meet behind the occipital poles.
     back = np.nonzero(mid[:, int(round(o[2] - 4))])[0]  # brain rows of the midline, z = -4 mm
     if back.size:
@@ -110,31 +114,19 @@ def template_structures() -> np.ndarray:
     cerebrum = (tpl.anatomy == 1) | (tpl.anatomy == 2)
     sheet = ndi.binary_dilation(cerebellum, iterations=2) & cerebrum
     out[sheet & (out == 0)] = TENTORIUM
-
-    # Sigmoid sinuses (added last, over nothing drawn before: the structures above are as they
-    # were before them): each transverse sinus's lateral end turns down and forward in an S along
-    # the cerebellum's lateral surface to the jugular foramen, about 8 mm across; on axial
-    # slices through the posterior fossa, a bright crescent at the cerebellum's outer edge.
-    t = np.linspace(0, 1, 160)[:, None]
-    near = ndi.binary_dilation(brain, iterations=5)
-    for side in (-1.0, 1.0):
-        path = np.concatenate([side * (52.0 - 8.0 * t), -62.0 + 26.0 * t, -20.0 - 24.0 * t], 1)
-        out[_tube(shape, path + o, 4.0) & near & (out == 0)] = SIGMOID
     return out
 
 
 def overlay(tissue: np.ndarray, structures: np.ndarray, coverage: np.ndarray,
-            rng: np.random.Generator, ids: tuple[int, ...] = FIRST) -> np.ndarray:
+            rng: np.random.Generator) -> np.ndarray:
     """Tissue ids (N,) with a random part of each fixed structure drawn over them.
 
     ``structures`` holds the template structure id at each point, ``coverage`` a smooth field in
     [-1, 1] at each point: a shown structure keeps the points where coverage is above a random
-    threshold, so what remains is a few connected stretches, not salt and pepper. Only the
-    structures ``ids`` are drawn (``FIRST``, or ``ADDED`` with a generator of their own).
+    threshold, so what remains is a few connected stretches, not salt and pepper.
     """
     out = tissue.copy()
-    for sid in ids:
-        cls = STRUCTURE_TISSUE[sid]
+    for sid, cls in STRUCTURE_TISSUE.items():
         if rng.random() >= STRUCTURE_SHOWN[sid]:
             continue
         keep = (structures == sid) & (coverage > rng.uniform(-1.0, 0.3))

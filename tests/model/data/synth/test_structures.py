@@ -59,9 +59,7 @@ def test_overlay_keeps_connected_stretches_and_choroid_only_in_ventricles():
     tissue = np.full(structures.shape, T.WM, np.uint8)
     tissue[np.flatnonzero(structures == S.CHOROID_ZONE)[: n // 10]] = T.VENTRICLE
     coverage = np.sin(np.arange(structures.size) / 50.0)  # smooth: stretches, not specks
-    shown = [S.overlay(S.overlay(tissue, structures, coverage, np.random.default_rng(s)),
-                       structures, coverage, np.random.default_rng(100 + s), S.ADDED)
-             for s in range(40)]
+    shown = [S.overlay(tissue, structures, coverage, np.random.default_rng(s)) for s in range(40)]
     for out in shown:
         choroid = out == T.CHOROID
         assert (tissue[choroid] == T.VENTRICLE).all()
