@@ -3,10 +3,9 @@ cortical vessels.
 
 Skull-stripped real T1-Gd keeps some of each: the superior sagittal sinus as a bright triangle at
 the anterior and posterior midline edge, the straight and transverse sinuses at the tentorium,
-the sigmoid sinuses as a crescent at the cerebellum's lateral edge lower down, bright dura
-where the stripping left it, the falx as a bright midline line, the tentorium as a bright V
-between the occipital lobes and the cerebellum, choroid plexus in the atria of the lateral
-ventricles, and bright dots and curves of cortical vessels in the sulci.
+bright dura where the stripping left it, the falx as a bright midline line, the tentorium as a
+bright V between the occipital lobes and the cerebellum, choroid plexus in the atria of the
+lateral ventricles, and bright dots and curves of cortical vessels in the sulci.
 
 Sizes are roughly anatomy's, not a thin outline: the superior sagittal sinus about 7 mm
 across, a transverse sinus about 8 mm wide, the torcula (their confluence) about 10 mm. On axial
@@ -29,13 +28,12 @@ from model.data.synth import tissue as T
 from model.data.synth.template import Template, load_template
 
 # Fixed structures on the template grid: ids of this map, not tissue ids.
-SSS, STRAIGHT, TRANSVERSE, FALX, CHOROID_ZONE, TORCULA, TENTORIUM, SIGMOID = 1, 2, 3, 4, 5, 6, 7, 8
+SSS, STRAIGHT, TRANSVERSE, FALX, CHOROID_ZONE, TORCULA, TENTORIUM = 1, 2, 3, 4, 5, 6, 7
 STRUCTURE_TISSUE = {SSS: T.SINUS, STRAIGHT: T.SINUS, TRANSVERSE: T.SINUS, FALX: T.DURA,
-                    CHOROID_ZONE: T.CHOROID, TORCULA: T.SINUS, TENTORIUM: T.DURA,
-                    SIGMOID: T.SINUS}
+                    CHOROID_ZONE: T.CHOROID, TORCULA: T.SINUS, TENTORIUM: T.DURA}
 # Probability that a patient's image shows each (skull stripping keeps or removes them).
 STRUCTURE_SHOWN = {SSS: 0.7, STRAIGHT: 0.5, TRANSVERSE: 0.7, FALX: 0.4, CHOROID_ZONE: 0.8,
-                   TORCULA: 0.6, TENTORIUM: 0.6, SIGMOID: 0.6}
+                   TORCULA: 0.6, TENTORIUM: 0.6}
 
 
 def _tube(shape: tuple[int, ...], points: np.ndarray, radius: float) -> np.ndarray:
@@ -76,14 +74,6 @@ def template_structures() -> np.ndarray:
     level = -8.0 - 0.25 * np.abs(x)[:, None, None]
     band = (np.abs(z[None, None, :] - level) < 4.0) & (y[None, :, None] < -55)
     out[outer & band & (out == 0)] = TRANSVERSE
-    # Sigmoid sinuses: each transverse sinus's lateral end turns down and forward in an S along
-    # the cerebellum's lateral surface to the jugular foramen, about 8 mm across; on axial
-    # slices through the posterior fossa, a bright crescent at the cerebellum's outer edge.
-    t = np.linspace(0, 1, 160)[:, None]
-    near = ndi.binary_dilation(brain, iterations=5)
-    for side in (-1.0, 1.0):
-        path = np.concatenate([side * (52.0 - 8.0 * t), -62.0 + 26.0 * t, -20.0 - 24.0 * t], 1)
-        out[_tube(shape, path + o, 4.0) & near & (out == 0)] = SIGMOID
     # The torcula: a ball of about 10 mm where the sinuses meet behind the occipital poles.
     back = np.nonzero(mid[:, int(round(o[2] - 4))])[0]  # brain rows of the midline, z = -4 mm
     if back.size:
