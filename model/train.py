@@ -34,6 +34,7 @@ from model.config import preset as model_preset
 from model.curves import plot_curves, read_log
 from model.data.dataset import SliceDataset
 from model.data.synth.appearance import SLAB_HALF, render_batch
+from model.data.synth.residue import draw_residues
 from model.distributed import GlobalBatchNorm, Processes, from_environment, shutdown, wrap
 from model.held_out import evaluate
 from model.losses import DecompositionLoss, LossWeights
@@ -67,6 +68,9 @@ class TrainConfig:
     # resampled to 1 mm shows it: partial volume through the plane, from the tissue levels around
     # the slice (appearance.render_thick). 0: every drawn slice is a 1 mm one.
     thick_slices: float = 0.0
+    # Of those drawn afresh, the probability that one gets a band of dura or sinus along parts of
+    # its brain's edge, as skull stripping leaves on real scans (model/data/synth/residue.py).
+    residue: float = 0.0
     # Cohorts of real scans measured at every evaluation (model/held_out.py, monitor_figures):
     # logged beside the held-out figures, never trained on, never used to select a checkpoint.
     monitor: list[str] = field(default_factory=list)
@@ -183,10 +187,12 @@ def _batch(dataset: SliceDataset, items: list[int], patient_number: dict[str, in
 
 
 def redraw(batch: dict, probability: float, seed: int, device: torch.device,
-           thick: float = 0.0) -> dict:
+           thick: float = 0.0, residue: float = 0.0) -> dict:
     """Replace each slice that has a tissue map, with ``probability``, by a fresh rendering of
     it (``appearance.render_batch``; with ``thick`` and the batch's ``tissue_slab``, some as
-    thick-sliced scans); its labels stay. Every draw is a function of ``seed``."""
+    thick-sliced scans; with ``residue``, some with a stripping residue at the brain's edge,
+    ``residue.draw_residues``); its labels stay. Every draw is a function of ``seed``, and
+    ``residue`` 0 draws exactly what it draws without it."""
     g = torch.Generator().manual_seed(seed)
     draw = torch.rand(len(batch["image"]), generator=g) < probability
     chosen = draw & batch["has_tissue"].cpu()
@@ -194,10 +200,14 @@ def redraw(batch: dict, probability: float, seed: int, device: torch.device,
         return batch
     rows = chosen.nonzero().flatten().to(device)
     slabs = batch.get("tissue_slab")
-    fresh = render_batch(batch["tissue"][rows].long(),
+    tissue = batch["tissue"][rows].long()
+    slabs = None if slabs is None else slabs[rows]
+    if residue > 0:
+        tissue, slabs = draw_residues(tissue, slabs, residue, np.random.default_rng([seed, 2]))
+    fresh = render_batch(tissue,
                          torch.Generator(device=device).manual_seed(seed),
                          np.random.default_rng(seed),
-                         slabs=None if slabs is None else slabs[rows], thick=thick)
+                         slabs=slabs, thick=thick)
     out = dict(batch)
     out["image"] = batch["image"].index_copy(0, rows, fresh.to(batch["image"].dtype))
     return out
@@ -346,6 +356,9 @@ def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,
     if config.thick_slices > 0 and config.render == 0:
         raise TrainingError("--thick-slices draws some of the slices --render draws afresh: "
                             "give --render too")
+    if config.residue > 0 and config.render == 0:
+        raise TrainingError("--residue draws on some of the slices --render draws afresh: "
+                            "give --render too")
     cases, skipped = _load_cases(data)
     fingerprint = data_fingerprint(
         [(c.pid, [f for f in (c.t1ce, c.seg) if f is not None]) for c in cases])
@@ -476,7 +489,7 @@ def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,
             batch = {k: v.to(device) for k, v in batch.items()}
             if config.render > 0:
                 batch = redraw(batch, config.render, config.seed * 3_000_017 + step, device,
-                               thick=config.thick_slices)
+                               thick=config.thick_slices, residue=config.residue)
             if config.augment:
                 batch = augment(batch, torch.Generator().manual_seed(config.seed * 7919 + step))
             x = batch["image"].contiguous(memory_format=memory_format)

@@ -112,6 +112,10 @@ def train(
         help="With --render: probability that a slice drawn afresh is drawn as a thick-sliced "
              "clinical scan (2-6 mm) resampled to 1 mm, with its through-plane partial volume "
              "(default 0).")] = None,
+    residue: Annotated[float | None, typer.Option(
+        help="With --render: probability that a slice drawn afresh gets a band of dura or "
+             "venous sinus along parts of its brain's edge, as skull stripping leaves on real "
+             "scans (default 0).")] = None,
     monitor: Annotated[list[Path] | None, typer.Option(
         help="Real cohort measured at every evaluation, never trained on and never used to "
              "select a checkpoint (repeatable).")] = None,
@@ -136,7 +140,7 @@ def train(
         "null_code": null_code, "null_by_slice": null_by_slice,
         "abnormal_gate": abnormal_gate, "gate_by_position": gate_by_position,
         "init_from": None if init_from is None else str(init_from),
-        "render": render, "thick_slices": thick_slices,
+        "render": render, "thick_slices": thick_slices, "residue": residue,
         "monitor": None if monitor is None else [str(m) for m in monitor],
         "bf16": bf16, "channels_last": channels_last}.items() if v is not None}
     weights = {k: v for k, v in {"rec": rec_weight, "seg": seg_weight, "sep": sep_weight, "pi": pi,
@@ -156,7 +160,8 @@ def train(
     for name, value in (("--lr", lr), ("--min-lr", min_lr), ("--minutes", minutes)):
         if value is not None and not value > 0:
             _fail(f"{name} must be positive, got {value}")
-    for name, value in (("--render", render), ("--thick-slices", thick_slices)):
+    for name, value in (("--render", render), ("--thick-slices", thick_slices),
+                        ("--residue", residue)):
         if value is not None and not 0 <= value <= 1:
             _fail(f"{name} must lie in [0, 1], got {value}")
     if val_fraction is not None and not 0 <= val_fraction < 1:

@@ -359,3 +359,28 @@ def test_render_run_logs_the_monitored_cohort(cohort, synth_cohort, tmp_path):
     with pytest.raises(TrainingError, match="none: no such data folder"):
         train([cohort], tmp_path / "x.pt", _config(steps=1, monitor=[str(tmp_path / "none")]),
               progress=False)
+
+
+def test_redraw_with_a_residue_brightens_the_edge_and_zero_changes_nothing():
+    from model.data.synth import tissue as T
+    from model.train import redraw
+
+    tissue = torch.zeros(4, 64, 64, dtype=torch.uint8)
+    tissue[:, 12:52, 12:52] = T.WM
+    batch = {"image": torch.full((4, 1, 64, 64), 0.5), "abnormal": torch.zeros(4, 64, 64),
+             "tissue": tissue, "has_tissue": torch.ones(4, dtype=bool)}
+    cpu = torch.device("cpu")
+    plain = redraw(batch, 1.0, seed=2, device=cpu)["image"]
+    torch.testing.assert_close(plain, redraw(batch, 1.0, seed=2, device=cpu, residue=0.0)["image"])
+    banded = redraw(batch, 1.0, seed=2, device=cpu, residue=1.0)
+    assert banded["abnormal"] is batch["abnormal"]
+    outside = (tissue == 0)[:, None]
+    assert (plain[outside] == 0).all()
+    assert ((banded["image"] > 0) & outside).flatten(1).any(1).all()  # every slice got a band
+
+
+def test_residue_needs_render(cohort, tmp_path):
+    from model.train import TrainConfig, TrainingError, train
+
+    with pytest.raises(TrainingError, match="--residue.*--render"):
+        train([cohort], tmp_path / "run.pt", TrainConfig(steps=1, residue=0.5))
