@@ -11,6 +11,9 @@ DEMO_DATA ?= data/demo
 DEMO_INDEX ?= data/demo-index
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# `make test` runs the suite on this many pytest-xdist workers (one per core here); 0 runs it in
+# this process, as plain `pytest` does.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo check-port test lint clean
 
@@ -44,7 +47,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -16,6 +16,16 @@ COHORT_SEED = 3
 COHORT_PATIENTS = 4
 
 
+def pytest_configure(config) -> None:
+    """On pytest-xdist workers (`make test`), torch gets the worker's share of the cores: two
+    workers of two threads each on two cores would wait on each other's spinning threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session")
 def synth_cohort(tmp_path_factory) -> Path:
     """``cbir synth --out DIR --patients 4 --seed 3`` written once; treat it as read-only."""
