@@ -17,13 +17,23 @@ What is compared, and why with these tolerances (measured on this machine, fp32)
   difference into the one-process reference's encoder output.
 - In float64 the same comparison (one step, two processes against one) agrees to 2.5e-10
   (gradients) and 1e-12 (buffers): the distributed step is exact, fp32 rounding is all that
-  is left. Measured here in fp32 (relative norms): running statistics 1.3e-4, codebooks 9.5e-3,
-  Adam's first and second moments 3.2e-2 and 4.3e-3, losses < 1e-4 (up to 3.8e-4 for the
-  abnormal code's distance term, ``dis``, on the test cohort drawn with wider venous sinuses:
-  it reads the codebooks, which differ the most). The tolerances are about 1.5-3x that, below
-  what a known way of getting it wrong gives: BatchNorm on each rank's half batch
-  (measured: losses 1.6e-3, running statistics 4.3e-2, first moments 0.24) or gradients summed
-  rather than averaged over the ranks (first moments 1.0).
+  is left. Measured here in fp32 (relative norms):
+  - BatchNorm running statistics of the encoder, before the quantizers: 1.1e-7. This is the
+    check that tells a wrong BatchNorm apart: normalising each rank's half batch on its own
+    gives 4.9e-2 there (measured with the global statistics switched off).
+  - Those of the decoders, after the quantizers: up to 2.5e-3 (the segmentation decoder, which
+    reads the quantized abnormal code). The EMA codebooks differ by about 1e-2 (they average
+    rounding over their updates), and a code position that lies within that of two codebook rows
+    snaps to either: whether one does depends on the cohort (1.3e-4 on one test cohort, 2.5e-3
+    on the same cohort with sigmoid sinuses drawn). Half batches give 2.7e-2.
+  - Losses: up to 6.4e-4 on the terms that read the abnormal codebook (``commit_abn_lesion``,
+    ``dis``), up to 1.5e-4 on the others. Half batches moved them by no more (the segmentation
+    term by 7.3e-4): the loss check catches a loss computed on one rank's rows, not this.
+  - Codebooks 9.5e-3; Adam's first and second moments 3.2e-2 and 4.3e-3 (half batches: 0.19
+    and 5.8e-2; gradients summed rather than averaged over the ranks: first moments 1.0).
+  Each tolerance lies between what rounding gives and what a known error gives, where the two
+  lie apart. The codebooks do not tell half batches apart (9.8e-3): their check guards the
+  gathered update only.
 """
 
 from __future__ import annotations
@@ -46,8 +56,10 @@ STEPS, BATCH, LR = 3, 4, 1e-9
 RECIPE = {"preset": "tiny", "steps": STEPS, "batch_size": BATCH, "lr": LR, "min_lr": LR,
           "warmup_steps": 0, "eval_every": 2, "seed": 0, "val_fraction": 0.0,
           "bf16": False, "channels_last": False}
-# Relative errors ||a - b|| / ||b|| allowed (see the module docstring).
-LOSS_TOL, BN_TOL, CODEBOOK_TOL, MOMENT_TOL = 6e-4, 5e-4, 3e-2, 1e-1
+# Relative errors ||a - b|| / ||b|| allowed (see the module docstring): BatchNorm statistics before
+# and after the quantizers apart.
+LOSS_TOL, CODEBOOK_TOL, MOMENT_TOL = 1.5e-3, 3e-2, 1e-1
+BN_TOL = {"encoder": 1e-4, "decoders": 1e-2}
 
 
 def _config() -> TrainConfig:
@@ -111,13 +123,14 @@ def test_one_then_two_then_one_process_compute_the_steps_of_one_process(cohort, 
         assert a[term] == pytest.approx(b[term], rel=LOSS_TOL, abs=1e-5), term
 
     assert ref["model"].keys() == again["model"].keys()
-    worst = {"bn": 0.0, "codebook": 0.0, "weights": 0.0}
+    worst = {"encoder": 0.0, "decoders": 0.0, "codebook": 0.0, "weights": 0.0}
     for name, tensor in ref["model"].items():
         mine = again["model"][name]
         if not tensor.is_floating_point():  # num_batches_tracked, initialized
             assert torch.equal(mine, tensor), name
         elif "running_" in name:
-            worst["bn"] = max(worst["bn"], _rel(mine, tensor))
+            part = "encoder" if name.startswith("encoder.") else "decoders"
+            worst[part] = max(worst[part], _rel(mine, tensor))
         elif "quantizer." in name:
             worst["codebook"] = max(worst["codebook"], _rel(mine, tensor))
         else:  # lr 1e-9: Adam moves a weight by at most 3e-9 in 3 steps, one way or the other
@@ -130,7 +143,8 @@ def test_one_then_two_then_one_process_compute_the_steps_of_one_process(cohort, 
         moments[key] = _rel(torch.cat([m.flatten() for m in mine]),
                             torch.cat([t.flatten() for t in theirs_]))
     assert worst["weights"] <= 1e-7  # 2 x 3 steps of lr, plus the rounding of |w| < 1 in fp32
-    assert worst["bn"] <= BN_TOL and worst["codebook"] <= CODEBOOK_TOL, worst
+    assert all(worst[part] <= tol for part, tol in BN_TOL.items()), worst
+    assert worst["codebook"] <= CODEBOOK_TOL, worst
     assert moments["exp_avg"] <= MOMENT_TOL and moments["exp_avg_sq"] <= MOMENT_TOL, moments
 
 
