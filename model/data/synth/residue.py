@@ -30,17 +30,22 @@ HALF_ANGLE_DEG = (15.0, 80.0)  # each arc's half-width around the brain's centro
 SINUS_SHARE = 0.5  # of the arcs, drawn as sinus (brighter) rather than dura
 
 
+def _grow(mask: Tensor) -> Tensor:
+    """(L, H, W) bool -> the mask grown by one pixel into its 8 neighbours (separable)."""
+    p = F.pad(mask.to(torch.uint8), (1, 1, 1, 1))
+    rows = p[:, :, :-2] | p[:, :, 1:-1] | p[:, :, 2:]
+    return (rows[:, :-2] | rows[:, 1:-1] | rows[:, 2:]).bool()
+
+
 def _outside_distance(brain: Tensor, reach: int) -> Tensor:
     """(L, H, W) bool -> the chessboard distance (1..reach) of each background pixel to the
     brain, 0 inside it and beyond ``reach``."""
-    grown = brain.float()[:, None]
     distance = torch.zeros(brain.shape, dtype=torch.int64, device=brain.device)
     inside = brain.clone()
     for step in range(1, reach + 1):
-        grown = F.max_pool2d(grown, 3, stride=1, padding=1)
-        ring = (grown[:, 0] > 0) & ~inside
-        distance[ring] = step
-        inside |= ring
+        grown = _grow(inside)
+        distance[grown & ~inside] = step
+        inside = grown
     return distance
 
 
