@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_skipped_browser_tests_are_named_at_the_end(tmp_path):
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "make test's workers"])
+def test_skipped_browser_tests_are_named_at_the_end(tmp_path, workers):
     (tmp_path / "test_page.py").write_text(
         "import pytest\n"
         "pytestmark = pytest.mark.skip(\n"
@@ -17,7 +20,7 @@ def test_skipped_browser_tests_are_named_at_the_end(tmp_path):
         "def test_a():\n    pass\n"
         "def test_b():\n    pass\n")
     run = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-q",
-                          "-p", "no:cacheprovider", str(tmp_path)],
+                          "-p", "no:cacheprovider", *workers, str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     last = run.stdout.strip().splitlines()
