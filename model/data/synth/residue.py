@@ -82,15 +82,16 @@ def strip_residue(tissue: Tensor, rng: np.random.Generator) -> Tensor:
 def draw_residues(tissue: Tensor, slabs: Tensor | None, probability: float,
                   rng: np.random.Generator) -> tuple[Tensor, Tensor | None]:
     """Each of a batch's (B, H, W) tissue slices, with ``probability``, with a residue band;
-    its slab of levels (B, L, H, W), when given, with the same arcs."""
+    its slab of levels (B, L, H, W), when given, with the same arcs (the slab's centre level is
+    the slice: the band is drawn once, on the slab, and the slice takes its centre)."""
     tissue = tissue.clone()
     slabs = None if slabs is None else slabs.clone()
     for i in range(len(tissue)):
         if rng.random() >= probability:
             continue
-        state = rng.bit_generator.state  # the slice and its slab draw the same arcs
-        tissue[i] = strip_residue(tissue[i], rng)
-        if slabs is not None:
-            rng.bit_generator.state = state
+        if slabs is None:
+            tissue[i] = strip_residue(tissue[i], rng)
+        else:
             slabs[i] = strip_residue(slabs[i], rng)
+            tissue[i] = slabs[i, slabs.shape[1] // 2]
     return tissue, slabs
