@@ -11,6 +11,7 @@ returns. Every evaluation appends one JSON line to ``<out>.metrics.jsonl`` and r
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -19,7 +20,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -331,9 +333,36 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
     """
     processes = from_environment()
     try:
-        return _train(data, out, config, resume, minutes, progress, log_line, processes)
+        with _writer_lock(Path(out), processes is None or processes.main):
+            return _train(data, out, config, resume, minutes, progress, log_line, processes)
     finally:
         shutdown(processes)
+
+
+@contextmanager
+def _writer_lock(out: Path, held: bool) -> Iterator[None]:
+    """One training run per ``out``: an exclusive lock on ``<out>.lock`` for the whole run, so
+    that a second ``cbir train --out`` on the same checkpoint (a ``--resume`` started while the
+    first is still evaluating on its way out) fails at once instead of loading a state the first
+    is about to replace and then overwriting the first's checkpoint, best weights and record.
+    Only the process that writes (rank 0 of a distributed run) holds it; the lock goes with the
+    process, so a killed run leaves nothing to clean up."""
+    if not held:
+        yield
+        return
+    path = out.with_name(out.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise TrainingError(f"{out}: another cbir train is writing this checkpoint (it "
+                                f"holds {path}); wait for it to stop, or choose another "
+                                f"--out") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import shutil
@@ -129,6 +130,22 @@ def test_existing_checkpoint_is_not_overwritten_without_resume(cohort, full_run)
     out, _ = full_run
     with pytest.raises(TrainingError, match="exists: pass --resume"):
         train([cohort], out, _config(), progress=False)
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_holds_it(cohort,
+                                                                                   tmp_path):
+    out = tmp_path / "m.pt"
+    lock = tmp_path / "m.pt.lock"
+    with open(lock, "w") as fh:  # what a running `cbir train --out m.pt` holds
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(TrainingError, match="another cbir train is writing"):
+            train([cohort], out, _config(steps=2), progress=False)
+        assert not out.exists()
+    # released: the same run goes ahead, and leaves the lock free for a --resume after it
+    train([cohort], out, _config(steps=2), progress=False)
+    assert out.exists()
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_empty_data_folder(tmp_path):
