@@ -23,7 +23,6 @@ new one complete. Files no active generation or patient refers to are removed by
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import re
@@ -37,7 +36,7 @@ import numpy as np
 from indexer import codebook
 from indexer.faiss_lib import faiss
 from indexer.layout import DIMS, SPACES, space_vectors
-from model.atomic import atomic_write
+from model.atomic import atomic_write, exclusive_lock
 
 FORMAT = "compositional-cbir/index"
 FAISS_DIR = "faiss"
@@ -84,16 +83,9 @@ def write_manifest(index_dir: Path, manifest: dict) -> None:
 @contextmanager
 def writer_lock(index_dir: Path) -> Iterator[None]:
     """One writer per index directory; a second one fails at once with a clear message."""
-    Path(index_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(index_dir) / ".lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise IndexStoreError(f"{index_dir}: another build/add/remove is running") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive_lock(Path(index_dir) / ".lock", lambda: IndexStoreError(
+            f"{index_dir}: another build/add/remove is running")):
+        yield
 
 
 def faiss_path(index_dir: Path, space: str, generation: int) -> Path:

@@ -1,4 +1,5 @@
-"""Files that must never be seen half-written: temporary name, fsync, ``os.replace``.
+"""Files that must never be seen half-written: temporary name, fsync, ``os.replace``; and one
+writer at a time (``exclusive_lock``).
 
 Shared by checkpoints, synthetic cohorts and index files (as faiss/contrib/big_batch_search.py
 does for its outputs).
@@ -6,9 +7,11 @@ does for its outputs).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -41,3 +44,21 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def exclusive_lock(path: Path, busy: Callable[[], Exception]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block, or raise
+    ``busy()`` at once when another process holds it. The lock goes with the process, so one
+    that is killed leaves nothing to clean up; the file stays (removing it would race)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise busy() from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -11,7 +11,6 @@ returns. Every evaluation appends one JSON line to ``<out>.metrics.jsonl`` and r
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ingest.layouts import find_cases_in
+from model.atomic import exclusive_lock
 from model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from model.config import preset as model_preset
 from model.curves import plot_curves, read_log
@@ -345,24 +345,15 @@ def _writer_lock(out: Path, held: bool) -> Iterator[None]:
     that a second ``cbir train --out`` on the same checkpoint (a ``--resume`` started while the
     first is still evaluating on its way out) fails at once instead of loading a state the first
     is about to replace and then overwriting the first's checkpoint, best weights and record.
-    Only the process that writes (rank 0 of a distributed run) holds it; the lock goes with the
-    process, so a killed run leaves nothing to clean up."""
+    Only the process that writes (rank 0 of a distributed run) holds it."""
     if not held:
         yield
         return
     path = out.with_name(out.name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise TrainingError(f"{out}: another cbir train is writing this checkpoint (it "
-                                f"holds {path}); wait for it to stop, or choose another "
-                                f"--out") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive_lock(path, lambda: TrainingError(
+            f"{out}: another cbir train is writing this checkpoint (it holds {path}); wait for "
+            f"it to stop, or choose another --out")):
+        yield
 
 
 def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,

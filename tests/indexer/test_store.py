@@ -1,6 +1,8 @@
-"""Stored thumbnails: what the loader workers write is what the service reads back."""
+"""The index store: stored thumbnails (what the loader workers write is what the service reads
+back), and one writer at a time."""
 
 import numpy as np
+import pytest
 
 from indexer import store
 
@@ -27,3 +29,15 @@ def test_thumbnails_are_compressed():
     image[:, 64:192, 64:192] = 128
     npz = store.thumbnails_npz(np.arange(4), image, None)
     assert len(npz) < image.nbytes / 20
+
+
+def test_a_second_writer_is_refused_at_once_and_the_first_frees_the_lock(tmp_path):
+    busy = pytest.raises(store.IndexStoreError, match="another build/add/remove is running")
+    with store.writer_lock(tmp_path), busy, store.writer_lock(tmp_path):
+        pass
+    with store.writer_lock(tmp_path):  # released by the first
+        pass
+    with pytest.raises(RuntimeError, match="inside"), store.writer_lock(tmp_path):
+        raise RuntimeError("inside")  # an error inside frees it too
+    with store.writer_lock(tmp_path):
+        pass
