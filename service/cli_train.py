@@ -58,7 +58,8 @@ def train(
     eval_every: Annotated[int | None, typer.Option(
         help="Steps between held-out evaluations and checkpoints (default 500).")] = None,
     eval_slices: Annotated[int | None, typer.Option(
-        help="Held-out slices per evaluation, evenly spaced (default: all).")] = None,
+        help="Held-out slices per evaluation, evenly spaced (default: all; 0: all, over a "
+             "recorded recipe's count).")] = None,
     rec_weight: Annotated[float | None, typer.Option(
         help="l3, weight of L_rec (default 5, the authors' code; the paper: 1e4).")] = None,
     seg_weight: Annotated[float | None, typer.Option(
@@ -149,11 +150,11 @@ def train(
     if preset is not None and preset not in PRESETS:
         _fail(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
     for name, value in (("--steps", steps), ("--batch-size", batch_size),
-                        ("--eval-every", eval_every), ("--eval-slices", eval_slices),
-                        ("--threads", threads)):
+                        ("--eval-every", eval_every), ("--threads", threads)):
         if value is not None and value < 1:
             _fail(f"{name} must be at least 1, got {value}")
-    for name, value in (("--sep-weight", sep_weight), ("--sep-margin", sep_margin),
+    for name, value in (("--eval-slices", eval_slices), ("--sep-weight", sep_weight),
+                        ("--sep-margin", sep_margin),
                         ("--pi", pi), ("--gate-weight", gate_weight)):
         if value is not None and value < 0:
             _fail(f"{name} must not be negative, got {value}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import json
+import re
 import shutil
 
 from typer.testing import CliRunner
@@ -143,9 +145,16 @@ def test_train_from_config_takes_another_checkpoints_recipe(synth_cohort, tmp_pa
     assert result.exit_code == 0, result.output
     second = tmp_path / "second.pt"
     result = runner.invoke(app, ["train", "--data", str(synth_cohort), "--out", str(second),
-                                 "--from-config", str(first), "--lr", "1e-3"])
+                                 "--from-config", str(first), "--lr", "1e-3",
+                                 "--eval-slices", "0"])
     assert result.exit_code == 0, result.output
     recipe = read_checkpoint(second)["train_config"]
+    # --eval-slices 0 evaluates on every held-out slice, over the 8 the first run recorded
+    assert recipe["eval_slices"] == 0
+    held_out = int(re.search(r"(\d+) held out", result.output).group(1))
+    records = [json.loads(line) for line in
+               second.with_name(second.name + ".metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["held_out"]["slices"] == held_out > 8
     assert recipe["null_code"] and recipe["null_by_slice"] and recipe["abnormal_gate"]
     assert recipe["weights"]["pi"] == 500 and recipe["preset"] == "tiny"
     assert recipe["lr"] == 1e-3 and recipe["batch_size"] == 2
