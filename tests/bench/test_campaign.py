@@ -3,7 +3,7 @@
 through the add, the remove, the half-way killed add and the killed and restarted server, and
 no data lost. The flat index (the default kind) runs two levels, the faults spread over them;
 the codebook index one level of four clients with every fault in it: the same faults on the
-other kind's files, at half the suite's time (each level loads, serves and restarts a server)."""
+other kind's files, in less of the suite's time (108 s against 143 s, measured beside training)."""
 
 from __future__ import annotations
 
