@@ -147,6 +147,18 @@ def data_fingerprint(case_files: list[tuple[str, list[Path]]]) -> str:
     return h.hexdigest()
 
 
+def _data_change(recorded: list[str] | None, found: list[str]) -> str:
+    """Why two data fingerprints differ, as far as the recorded patient list tells."""
+    if recorded is None:  # a checkpoint written before the list was recorded
+        return "fingerprint differs"
+    added, removed = sorted(set(found) - set(recorded)), sorted(set(recorded) - set(found))
+    if not added and not removed:
+        return (f"the same {len(found)} patients, but their image or label files differ in "
+                f"bytes")
+    return (f"{len(added)} patients not in the recorded data (e.g. {(added or ['-'])[0]}), "
+            f"{len(removed)} recorded ones missing (e.g. {(removed or ['-'])[0]})")
+
+
 def split_patients(pids: list[str], fraction: float, seed: int) -> set[str]:
     """The held-out patient ids: a seeded draw of round(fraction * n), at least 1 when n >= 2."""
     if len(pids) < 2 or fraction <= 0:
@@ -294,7 +306,8 @@ def _warm_start(model: DecompositionNet, path: Path, preset: str) -> None:
         model.abnormal_quantizer.reset_null_code()
 
 
-def _resume_state(out: Path, config: TrainConfig, fingerprint: str) -> dict:
+def _resume_state(out: Path, config: TrainConfig, fingerprint: str, patients: list[str],
+                  accept_new_data: bool, log_line: Callable[[str], None] | None) -> dict:
     try:
         state = read_checkpoint(out)
     except CheckpointError as exc:
@@ -306,8 +319,15 @@ def _resume_state(out: Path, config: TrainConfig, fingerprint: str) -> dict:
         raise TrainingError(f"cannot resume: {out} is a '{state['preset']}' checkpoint, "
                             f"this run asks for '{config.preset}'")
     if state.get("data_fingerprint") != fingerprint:
-        raise TrainingError(f"cannot resume: {out} was trained on other data "
-                            f"(fingerprint differs)")
+        what = _data_change(state.get("data_patients"), patients)
+        if not accept_new_data:
+            raise TrainingError(
+                f"cannot resume: {out} was trained on other data ({what}); if these are the "
+                f"same cases written again (a cohort re-synthesized or copied on another "
+                f"machine), pass --accept-new-data")
+        if log_line is not None:
+            log_line(f"resuming on data other than {out} recorded ({what}): accepted by "
+                     f"--accept-new-data")
     recorded = TrainConfig.from_dict(state["train_config"])
     if recorded != config:
         ours, theirs = config.to_dict(), recorded.to_dict()
@@ -319,7 +339,7 @@ def _resume_state(out: Path, config: TrainConfig, fingerprint: str) -> dict:
 
 def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False,
           minutes: float | None = None, progress: bool = True,
-          log_line: Callable[[str], None] | None = None) -> dict:
+          log_line: Callable[[str], None] | None = None, accept_new_data: bool = False) -> dict:
     """Train until ``config.steps`` or until ``minutes`` of wall time have passed in this run.
 
     Evaluates on the held-out patients and checkpoints ``out`` atomically every
@@ -327,7 +347,9 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
     with the best held-out score so far. One JSON line per evaluation goes to
     ``<out>.metrics.jsonl`` and the curves to ``<out>.curves.png``. A run resumed with
     ``resume=True`` continues exactly where the checkpoint stopped (same batches, same
-    augmentation, same schedule), so one training can be split into several runs.
+    augmentation, same schedule), so one training can be split into several runs. It refuses
+    data whose fingerprint differs from the recorded one unless ``accept_new_data``: a cohort
+    synthesized again on another machine can differ in bytes (floating point), not in cases.
 
     Launched by ``torchrun --nproc-per-node N``, the N processes train together
     (model/distributed.py): each step is the one-process step on the same global batch of
@@ -336,7 +358,8 @@ def train(data: list[Path], out: Path, config: TrainConfig, resume: bool = False
     processes = from_environment()
     try:
         with _writer_lock(Path(out), processes is None or processes.main):
-            return _train(data, out, config, resume, minutes, progress, log_line, processes)
+            return _train(data, out, config, resume, minutes, progress, log_line, processes,
+                          accept_new_data)
     finally:
         shutdown(processes)
 
@@ -360,7 +383,7 @@ def _writer_lock(out: Path, held: bool) -> Iterator[None]:
 
 def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,
            minutes: float | None, progress: bool, log_line: Callable[[str], None] | None,
-           processes: Processes | None) -> dict:
+           processes: Processes | None, accept_new_data: bool = False) -> dict:
     started = time.monotonic()
     main = processes is None or processes.main
     progress = progress and main
@@ -390,7 +413,8 @@ def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,
                                        gate_by_position=config.gate_by_position)
     state = None
     if resume and out.exists():
-        state = _resume_state(out, config, fingerprint)
+        state = _resume_state(out, config, fingerprint, sorted(c.pid for c in cases),
+                              accept_new_data, log_line if main else None)
     elif not resume and out.exists():
         raise TrainingError(f"{out} exists: pass --resume to continue it, or choose another "
                             f"--out")
@@ -441,6 +465,7 @@ def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,
     metrics_path = out.with_name(out.name + ".metrics.jsonl")
     best_path = out.with_name(out.stem + ".best" + out.suffix)
     extra = {"train_config": config.to_dict(), "data_fingerprint": fingerprint,
+             "data_patients": sorted(c.pid for c in cases),
              "held_out_patients": sorted(held_out), "train_data": [str(d) for d in data],
              "hardware": _hardware(device, processes)}
 

@@ -37,6 +37,10 @@ def train(
                                            "evaluation; <out stem>.best.pt keeps the best).")],
     resume: Annotated[bool, typer.Option(
         help="Continue the checkpoint at --out with its recorded recipe.")] = False,
+    accept_new_data: Annotated[bool, typer.Option(
+        help="With --resume: continue although the data's fingerprint differs from the one "
+             "recorded (the same cases written again, e.g. re-synthesized on another machine; "
+             "the error says what differs).")] = False,
     from_config: Annotated[Path | None, typer.Option(
         help="Start from the recipe this checkpoint records (checkpoints/cbir-cpu.pt: the "
              "shipped recipe, a warm start from its weights included); flags given override "
@@ -167,6 +171,8 @@ def train(
             _fail(f"{name} must lie in [0, 1], got {value}")
     if val_fraction is not None and not 0 <= val_fraction < 1:
         _fail(f"--val-fraction must lie in [0, 1), got {val_fraction}")
+    if accept_new_data and not resume:
+        _fail("--accept-new-data applies to --resume only")
     try:
         base = TrainConfig()
         if resume and from_config is not None:
@@ -184,7 +190,7 @@ def train(
         if threads is not None:
             torch.set_num_threads(threads)
         result = run_training(data, out, config, resume=resume, minutes=minutes,
-                              log_line=typer.echo)
+                              log_line=typer.echo, accept_new_data=accept_new_data)
     except (TrainingError, CheckpointError) as exc:
         _fail(str(exc))
     for path, problem in result["skipped"]:

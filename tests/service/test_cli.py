@@ -7,6 +7,8 @@ import json
 import re
 import shutil
 
+import nibabel as nib
+import numpy as np
 from typer.testing import CliRunner
 
 from service.cli import app
@@ -128,6 +130,38 @@ def test_train_resume_takes_the_recorded_recipe_and_refuses_another(synth_cohort
     assert "other settings (lr 0.002 -> 0.001)" in result.output
     result = runner.invoke(app, [*common, "--preset", "tiny", "--minutes", "0"])
     assert result.exit_code == 2 and "--minutes must be positive" in result.output
+
+
+def test_train_resume_names_changed_data_and_accepts_it_when_asked(synth_cohort, tmp_path):
+    """A cohort written again (the same cases, other bytes: re-synthesized on another machine)
+    is refused with what differs, and taken with --accept-new-data; a missing patient is named."""
+    data = tmp_path / "cohort"
+    shutil.copytree(synth_cohort, data)
+    out = tmp_path / "run.pt"
+    common = ["train", "--data", str(data), "--out", str(out)]
+    result = runner.invoke(app, [*common, "--preset", "tiny", "--steps", "3", "--batch-size",
+                                 "2", "--eval-every", "1", "--eval-slices", "4",
+                                 "--val-fraction", "0.5", "--minutes", "0.0001"])
+    assert result.exit_code == 0, result.output
+    image = sorted(data.glob("*/*_t1ce.nii.gz"))[0]
+    volume = nib.load(image)
+    nib.save(nib.Nifti1Image(volume.get_fdata(dtype=np.float32) * np.float32(1.0001),
+                             volume.affine, volume.header), image)
+    patients = len([d for d in data.iterdir() if d.is_dir()])
+    result = runner.invoke(app, [*common, "--resume"])
+    assert result.exit_code == 2
+    assert (f"the same {patients} patients, but their image or label files differ in bytes"
+            in result.output and "--accept-new-data" in result.output)
+    result = runner.invoke(app, [*common, "--accept-new-data"])
+    assert result.exit_code == 2 and "applies to --resume only" in result.output
+    result = runner.invoke(app, [*common, "--resume", "--accept-new-data", "--minutes", "0.0001"])
+    assert result.exit_code == 0, result.output
+    assert "accepted by --accept-new-data" in result.output
+    assert "at step 2 of 3" in result.output or "at step 3 of 3" in result.output
+    shutil.rmtree(image.parent)
+    result = runner.invoke(app, [*common, "--resume"])
+    assert result.exit_code == 2
+    assert f"1 recorded ones missing (e.g. {image.parent.name})" in result.output
 
 
 def test_train_from_config_takes_another_checkpoints_recipe(synth_cohort, tmp_path):
