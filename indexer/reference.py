@@ -16,6 +16,12 @@ null code, so the median over all of them (1.95 in the demo index) made every le
 ``MIN_GROUP`` sampled slices (an index of lesion-free patients, or without labels) falls back
 to all of them.
 
+The same pass names the index's example (``choose_example``), the slice the page's "Try an
+example" searches with: the labelled lesion slice whose first page of abnormal-space results
+holds the most lesions and lies nearest, so that a newcomer sees what a good match reads as
+(issue 22: the page's earlier rule, the middle lesion slice of the patient with the most, read
+4.7-10.5% on the demo index).
+
 Measured when an index generation is written (``cbir index build``, ``add`` and ``remove``) and
 stored beside its FAISS files (``store.reference_path``), with the codebooks it was measured
 with; the service reads it when it loads that generation, and measures it itself only for an
@@ -39,6 +45,8 @@ from indexer.layout import SPACES
 from model.atomic import atomic_write
 
 MAX_SAMPLE = 256
+EXAMPLE_HITS = 5  # the first page of results an example is judged by
+EXAMPLE_BLOCK = 1 << 22  # candidate x index distances held at once (32 MiB)
 MIN_GROUP = 8  # sampled slices of a status below which percentiles are read against all
 MAX_PAIRS = 20_000_000  # sample x index size: a few seconds of look-ups at most
 COLUMNS = 1 << 16  # indexed slices whose distances to the sample are held at once
@@ -72,6 +80,9 @@ class Reference:
     distances: dict[str, np.ndarray]
     sampled: int
     status: dict[str, np.ndarray] | None = None
+    # The catalogue row (ascending slice id) of the abnormal-space example (``choose_example``);
+    # -1 when the index has none (no labelled lesion slice), None when not measured.
+    example: int | None = None
 
     @classmethod
     def measure(cls, codebooks: dict[str, np.ndarray], codes: np.ndarray,
@@ -109,13 +120,16 @@ class Reference:
             keep = np.flatnonzero(np.isfinite(d))
             order = keep[np.argsort(d[keep], kind="stable")]
             distances[space], status[space] = d[order], flags[order]
-        return cls(distances=distances, sampled=len(rows), status=status)
+        example = (-1 if abnormal is None else
+                   choose_example(tables["abnormal"], flat[:, 1], patients, abnormal))
+        return cls(distances=distances, sampled=len(rows), status=status, example=example)
 
     def save(self, path: Path, codebooks: dict[str, np.ndarray]) -> None:
         """Atomically, as .npz: the sorted distances per space, the sample size, and the
         codebooks they were measured with (``load`` refuses a file of other codebooks)."""
         buf = io.BytesIO()
         np.savez(buf, sampled=np.int64(self.sampled),
+                 example=np.int64(-1 if self.example is None else self.example),
                  **{f"distances_{s}": self.distances[s] for s in SPACES},
                  **{f"status_{s}": self._status(s) for s in SPACES},
                  **{f"codebook_{n}": np.asarray(b, np.float32) for n, b in codebooks.items()})
@@ -134,7 +148,8 @@ class Reference:
                                       for s in SPACES},
                            sampled=int(f["sampled"]),
                            status={s: f[f"status_{s}"] for s in SPACES}
-                           if all(f"status_{s}" in f for s in SPACES) else None)
+                           if all(f"status_{s}" in f for s in SPACES) else None,
+                           example=int(f["example"]) if "example" in f else None)
         except (OSError, KeyError, ValueError):
             return None
 
@@ -184,3 +199,53 @@ class Reference:
             return None
         median = self.median(space, lesion)
         return distance / median if median > 0 else float("inf")
+
+
+def choose_example(table: np.ndarray, codes: np.ndarray, patients: np.ndarray,
+                   abnormal: np.ndarray) -> int:
+    """The index's example for the abnormal space: the row of the labelled lesion slice whose
+    first page of results (its nearest slice in each of the ``EXAMPLE_HITS`` nearest other
+    patients, as a search grouped by patient returns them) holds the most lesion slices and,
+    among those, lies nearest: the smallest distance to the last of them, so every hit's match
+    percentile is as high as this index allows. A query on the null code (a lesion too small to
+    get a lesion code) is passed over while another exists: its hits tie at distance 0 with
+    lesion-free slices. -1 when no slice is labelled with a lesion.
+
+    ``table`` (K, K) the abnormal codebook's squared distances; ``codes`` (N, 64) abnormal code
+    indices; ``patients``, ``abnormal`` (N,). The candidates are every lesion slice, evenly
+    spaced down to ``MAX_PAIRS`` over the index size, read ``EXAMPLE_BLOCK`` distances at a
+    time: as bounded as the reference's measurement."""
+    lesion = np.flatnonzero(np.asarray(abnormal) == 1)
+    n = len(codes)
+    if not len(lesion):
+        return -1
+    budget = max(1, MAX_PAIRS // n)
+    if len(lesion) > budget:
+        lesion = lesion[np.unique(np.linspace(0, len(lesion) - 1, budget).round().astype(np.int64))]
+    _, patient = np.unique(patients, return_inverse=True)
+    order = np.argsort(patient, kind="stable")  # the index's rows, patient by patient
+    starts = np.flatnonzero(np.r_[True, np.diff(patient[order]) != 0])
+    ends = np.r_[starts[1:], n]
+    hits = min(EXAMPLE_HITS, len(starts) - 1)
+    if hits < 1:
+        return -1
+    flags = np.asarray(abnormal)[order] == 1
+    columns = codes[order].astype(np.int64)
+    best_key, best_row = None, -1
+    chunk = max(1, EXAMPLE_BLOCK // n)
+    for at in range(0, len(lesion), chunk):
+        rows = lesion[at:at + chunk]
+        d = np.zeros((len(rows), n))
+        for p in range(codes.shape[1]):
+            d += np.take(table[codes[rows, p].astype(np.int64)], columns[:, p], axis=1)
+        per_patient = np.minimum.reduceat(d, starts, axis=1)  # (rows, patients)
+        per_patient[np.arange(len(rows)), patient[rows]] = np.inf  # other patients only
+        nearest = np.argsort(per_patient, axis=1, kind="stable")[:, :hits]
+        for i, row in enumerate(rows):
+            found = [starts[j] + int(np.argmin(d[i, starts[j]:ends[j]])) for j in nearest[i]]
+            last = float(per_patient[i, nearest[i, -1]])
+            null = last <= _tolerance(np.array([last]))  # shares the null code with the hits
+            key = (null, -int(flags[found].sum()), last)
+            if best_key is None or key < best_key:
+                best_key, best_row = key, int(row)
+    return best_row

@@ -165,7 +165,8 @@ class Retrieval:
         # Stored when the generation was written; measured here for an index written before.
         self.reference = Reference.load(
             store.reference_path(self.index_dir, self.build.generation), self.codebooks)
-        if self.reference is None or self.reference.status is None:  # none, or without status
+        if self.reference is None or self.reference.status is None or (
+                self.reference.example is None):  # none, or without status or example
             self.reference = Reference.measure(self.codebooks, self.codes, self.slice_patient,
                                                self.slice_abnormal)
 
@@ -363,6 +364,17 @@ class Retrieval:
                                 0.0 if unlike else
                                 self.reference.match_percentile(space, float(dist), lesion)))
         return hits
+
+    def example(self) -> dict | None:
+        """The page's example slice (``indexer.reference.choose_example``): slice_id, patient_id
+        and slice_index; None when the index has none."""
+        row = -1 if self.reference is None or self.reference.example is None else (
+            self.reference.example)
+        if not 0 <= row < len(self.slice_ids):
+            return None
+        return {"slice_id": int(self.slice_ids[row]),
+                "patient_id": self.patients[int(self.slice_patient[row])][0],
+                "slice_index": int(self.slice_index[row])}
 
     def anatomy_unlike(self, codes: Codes, lesion: bool | None) -> bool:
         """Whether the query's normal code lies farther from every indexed slice's than any

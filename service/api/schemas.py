@@ -172,6 +172,12 @@ class PatientInfo(BaseModel):
     slices: list[PatientSlice]
 
 
+class ExampleSlice(BaseModel):
+    slice_id: int
+    patient_id: str
+    slice_index: int
+
+
 class IndexInfo(BaseModel):
     model_config = _example(patients=40, slices=5412, abnormal_slices=1520, generation=3,
                             preset="small", checkpoint_sha256="3f2a" + "0" * 60,
@@ -202,6 +208,12 @@ class IndexInfo(BaseModel):
         None, description="Median distance from an indexed slice to its nearest slice of another "
                           "patient, per space (sampled at load); what match_percentile is read "
                           "against. Null when the index holds one patient.")
+    example: ExampleSlice | None = Field(
+        None, description="The slice the page's 'Try an example' searches with: the labelled "
+                          "lesion slice whose first 5 results in the abnormal space (one per "
+                          "other patient) hold the most lesions and lie nearest, so that they "
+                          "show what a good match looks like in this index. Null without a "
+                          "labelled lesion slice or a second patient.")
 
 
 class Health(BaseModel):

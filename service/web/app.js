@@ -549,7 +549,7 @@ function init() {
   $('#compose-example').addEventListener('click', async () => {
     try {
       $('#compose-archive').open = true;
-      const lesion = await composeArchive.example();
+      const lesion = await composeArchive.example(state.info?.example);
       const anatomy = lesion && await composeArchive.anatomyFor(lesion);
       if (!lesion || !anatomy) {
         showError('The example needs two patients in the archive.');
@@ -569,7 +569,7 @@ function init() {
   $('#try-example').addEventListener('click', async () => {
     try {
       $('#archive').open = true;
-      const slice = await archive.example();
+      const slice = await archive.example(state.info?.example);
       if (slice) await runSimilar(slice);
     } catch (err) {
       showError(failureText('The example', err));

@@ -111,9 +111,15 @@ export class Archive {
     this.thumb.src = this.thumbURL;
   }
 
-  // The example: the patient with the most lesion slices, its lesion slice nearest the middle.
-  async example() {
+  // The example: the slice the server names (`named`, /info's `example`: the lesion slice whose
+  // first results in the abnormal space are this index's best matches); without one, the
+  // patient with the most lesion slices, its lesion slice nearest the middle.
+  async example(named = null) {
     await this.load();
+    if (named && this.patients.some((p) => p.patient_id === named.patient_id)) {
+      if (!(await this.showPatient(named.patient_id, named.slice_id))) return null;
+      if (this.current()?.slice_id === named.slice_id) return this.current();
+    }
     const best = [...this.patients].sort((a, b) => b.lesion_slices - a.lesion_slices)[0];
     if (!best) return null;
     if (!(await this.showPatient(best.patient_id))) return null;

@@ -184,3 +184,21 @@ def nifti_bytes(volume: np.ndarray, affine: np.ndarray | None = None, gz: bool =
     import gzip
 
     return gzip.compress(raw, compresslevel=1)
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "cbir-cpu.pt"
+
+
+@pytest.fixture(scope="session")
+def shipped_index(synth_cohort, tmp_path_factory) -> Path:
+    """The session cohort indexed with the shipped checkpoint (``checkpoints/cbir-cpu.pt``):
+    for tests of what the trained weights do, beyond the invariants any weights keep."""
+    out = tmp_path_factory.mktemp("shipped") / "index"
+    Indexer(out).build([synth_cohort], checkpoint=SHIPPED, progress=False, workers=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shipped_client(shipped_index) -> TestClient:
+    with TestClient(create_app(Settings(index_dir=shipped_index))) as c:
+        yield c

@@ -17,18 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
-from indexer.build import Indexer
 from ingest.layouts import find_cases
 from ingest.volumes import load_case
 from model.data.dataset import case_slices
 from model.data.preprocess import slice_to_png
-from service.api.app import create_app
 from service.config import Settings
 from tests.service.conftest import _serve
 
-SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "cbir-cpu.pt"
 K = 5
 MIN_LEVEL_GAP = 20
 MID_LEVEL = 77  # the middle of the 155 axial levels: anatomy donors from the mid-brain first
@@ -48,13 +44,6 @@ class Donor:
     patient_id: str
     slice_index: int
     png: Path  # the slice as a 16-bit PNG, as a reader exports it from a viewer
-
-
-@pytest.fixture(scope="module")
-def shipped_index(synth_cohort, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shipped") / "index"
-    Indexer(out).build([synth_cohort], checkpoint=SHIPPED, progress=False, workers=0)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +72,6 @@ def donors(synth_cohort, tmp_path_factory) -> tuple[Donor, Donor]:
         return picked[0], picked[1]
     raise AssertionError("the cohort should hold a lesion-free slice far from the largest "
                          "lesion, at the level of another patient's lesion")
-
-
-@pytest.fixture(scope="module")
-def shipped_client(shipped_index) -> TestClient:
-    with TestClient(create_app(Settings(index_dir=shipped_index))) as c:
-        yield c
 
 
 def _upload(donor: Donor, role: str) -> tuple[str, tuple[str, bytes, str]]:

@@ -153,3 +153,70 @@ def test_status_is_measured_and_stored(retrieval, tmp_path):
     for space in SPACES:
         np.testing.assert_array_equal(back.status[space], ref.status[space])
         np.testing.assert_array_equal(back.distances[space], ref.distances[space])
+    assert back.example == ref.example
+
+
+def _scalar_codes(values: list[float]) -> np.ndarray:
+    """A (K, K) squared-distance table of codebook rows lying on one line at ``values``."""
+    v = np.asarray(values, np.float64)
+    return (v[:, None] - v[None, :]) ** 2
+
+
+def test_the_example_is_the_lesion_slice_with_the_best_first_page(monkeypatch):
+    """Among lesion slices: a page of lesion hits before a nearer page with a lesion-free hit,
+    then the nearest last hit; a null-code query (its hits tie at 0) only when nothing else."""
+    monkeypatch.setattr(reference, "EXAMPLE_HITS", 2)
+    table = _scalar_codes([0.0, 5.0, 6.0, 7.0, 20.0])  # code 0: the null code
+    # (patient, code, lesion): patients 0-2 have lesions too small for a code (patient 2's
+    # page is two lesions at distance 0); patients 3-6 a lesion and a lesion-free slice each.
+    slices = [(0, 0, 1), (1, 0, 1), (2, 0, 1), (2, 0, 0), (3, 1, 1), (3, 0, 0), (4, 2, 1),
+              (4, 0, 0), (5, 3, 1), (5, 0, 0), (6, 4, 1), (6, 0, 0)]
+    patients = np.array([p for p, _, _ in slices])
+    codes = np.repeat(np.array([[c] for _, c, _ in slices]), 64, axis=1)
+    abnormal = np.array([a for _, _, a in slices], np.int8)
+    # patient 4's lesion (code 6): patient 3's and 5's lesions, each 1 away: the nearest page
+    # of coded lesions; the null-code pages, nearer still, are passed over
+    assert reference.choose_example(table, codes, patients, abnormal) == 6
+    # patient 5's lesion-free slice on patient 4's lesion code: patient 4's page now holds it
+    # (distance 0), and patient 3's too (1 away, nearer than patient 5's lesion at 4):
+    # patient 5's own page, two lesions, wins
+    codes[9] = 2
+    assert reference.choose_example(table, codes, patients, abnormal) == 8
+    # only null-code lesions left: one of them, rather than none
+    codes[abnormal == 1] = 0
+    assert abnormal[reference.choose_example(table, codes, patients, abnormal)] == 1
+    assert reference.choose_example(table, codes, patients, np.zeros_like(abnormal)) == -1
+    assert reference.choose_example(table, codes, np.zeros_like(patients), abnormal) == -1
+
+
+def test_the_example_candidates_are_bounded(monkeypatch):
+    """At most MAX_PAIRS / N lesion slices are scored, evenly spaced: a large index costs what
+    a small one does, and the example is still a lesion slice."""
+    rng = np.random.default_rng(0)
+    n = 400
+    table = _scalar_codes(list(rng.normal(0, 3, 16)))
+    codes = rng.integers(1, 16, (n, 64))
+    patients = np.arange(n) // 20
+    abnormal = (np.arange(n) % 2).astype(np.int8)
+    scored = []
+    real_take = np.take
+
+    def counting_take(a, idx, axis=None):
+        if axis == 1:
+            scored.append(a.shape[0])
+        return real_take(a, idx, axis=axis)
+
+    monkeypatch.setattr(reference, "MAX_PAIRS", 10 * n)
+    monkeypatch.setattr(reference.np, "take", counting_take)
+    row = reference.choose_example(table, codes, patients, abnormal)
+    assert abnormal[row] == 1
+    assert sum(scored) == 10 * 64  # 10 candidates, 64 code positions each
+
+
+def test_info_names_the_example(client, retrieval):
+    example = client.get("/info").json()["example"]
+    assert example == retrieval.example() and example is not None
+    row = list(retrieval.slice_ids).index(example["slice_id"])
+    assert retrieval.slice_abnormal[row] == 1
+    assert retrieval.patients[int(retrieval.slice_patient[row])][0] == example["patient_id"]
+    assert int(retrieval.slice_index[row]) == example["slice_index"]

@@ -472,6 +472,8 @@ def test_the_archive_and_the_example(page, live_server, retrieval):
         page.click("#try-example")
     assert response.value.ok and "group=patient" in response.value.url
     example = response.value.json()
+    # the slice the server names (/info): the lesion slice whose first page matches best
+    assert example["slice_id"] == retrieval.example()["slice_id"]
     expect(cards(page)).to_have_count(len(example["neighbors"]))
     shown = page.locator("#neighbors .neighbor-card .patient").all_inner_texts()
     own = page.locator("#archive-patient").input_value()

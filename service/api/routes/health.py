@@ -83,4 +83,5 @@ async def info(retrieval: RetrievalDep, settings: SettingsDep) -> IndexInfo:
         model_card=retrieval.model_card is not None,
         eval_headline=retrieval.eval_headline,
         typical_distance=None if retrieval.reference is None else
-        {space: retrieval.reference.median(space) for space in SPACES})
+        {space: retrieval.reference.median(space) for space in SPACES},
+        example=retrieval.example())
