@@ -105,6 +105,10 @@ def main() -> None:
     ap.add_argument("--brats", type=Path, default=BRATS)
     ap.add_argument("--checkpoint", type=Path, default=Path("checkpoints/cbir-cpu.pt"))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--interpolations", default="linear",
+                    help="comma-separated step-5 interpolations (ingest.preprocess."
+                         "INTERPOLATIONS: linear, bspline, lanczos); every figure uses the first, "
+                         "and correlation and the model's lesion Dice are printed for the others")
     ap.add_argument("--placement", action="store_true",
                     help="only the template placement against SRI24 (no real case read)")
     args = ap.parse_args()
@@ -119,7 +123,8 @@ def main() -> None:
     seconds = []
     for _ in range(args.repeats):
         started = time.perf_counter()
-        out = P.to_model_space(t1c.array, t1c.affine)
+        out = P.to_model_space(t1c.array, t1c.affine,
+                               interpolation=args.interpolations.split(",")[0])
         seconds.append(time.perf_counter() - started)
     theirs = given.array > 0
     both = out.brain & theirs
@@ -155,7 +160,15 @@ def main() -> None:
            >= preprocess.MIN_BRAIN_PIXELS))
     truth = preprocess.axial_slices(seg)[rows]
     labelled = truth.any(axis=(1, 2))
-    for name, vol in (("preprocessed raw", out.image), ("given BraTS-space", given.array)):
+    volumes = [("preprocessed raw", out.image), ("given BraTS-space", given.array)]
+    for name in args.interpolations.split(",")[1:]:
+        other = P.to_model_space(t1c.array, t1c.affine, interpolation=name)
+        smooth = [ndi.gaussian_filter(v, 2.0)[both] for v in (other.image, given.array)]
+        print(f"step 5 {name}: correlation in brain "
+              f"{np.corrcoef(other.image[both], given.array[both])[0, 1]:.3f} (2 mm Gaussian: "
+              f"{np.corrcoef(*smooth)[0, 1]:.3f})", flush=True)
+        volumes.append((f"raw, {name}", other.image))
+    for name, vol in volumes:
         pred = predicted_lesion(model, vol, rows)
         drawn = pred.any(axis=(1, 2))
         print(f"lesion Dice, {name:18s} {dice(pred, truth):.3f} "

@@ -66,6 +66,9 @@ MIN_BACKGROUND_FRACTION = 0.5
 # A volume that covers less than this along any axis cannot hold a head to register.
 MIN_EXTENT_MM = 100.0
 BRAIN_THRESHOLD = 0.5  # deepBET's own default on its brain probability
+# Step 5's resampling of the images (the mask stays linear, the labels nearest neighbour).
+INTERPOLATIONS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline,
+                  "lanczos": sitk.sitkLanczosWindowedSinc}
 
 
 @dataclass
@@ -139,16 +142,23 @@ def _native(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
 
 def to_model_space(array: np.ndarray, affine: np.ndarray,
                    others: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                   labels: np.ndarray | None = None, affine_stage: bool = False
-                   ) -> ModelSpaceVolume:
+                   labels: np.ndarray | None = None, affine_stage: bool = False,
+                   interpolation: str = "linear") -> ModelSpaceVolume:
     """A T1-Gd volume (RAS+ array and affine, as ``read_nifti`` gives) -> the model's space.
 
     ``others``: more modalities of the study, name -> (array, affine); ``labels``: a label map
     on the T1-Gd's grid, carried along by nearest neighbour; ``affine_stage`` adds the affine
-    stage after the rigid one. A volume that meets the rule of ``in_model_space`` comes back as
-    it is, only normalised (rule 2). Raises ``ValueError`` naming what is wrong.
+    stage after the rigid one; ``interpolation`` names how step 5 resamples the images (a key
+    of ``INTERPOLATIONS``; linear by default, ``bench.preprocess_real --interpolations``
+    compares the others). A volume
+    that meets the rule of ``in_model_space`` comes back as it is, only normalised (rule 2).
+    Raises ``ValueError`` naming what is wrong.
     """
     started = time.perf_counter()
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {interpolation!r}: use one of "
+                         f"{', '.join(INTERPOLATIONS)}")
+    interpolator = INTERPOLATIONS[interpolation]
     if in_model_space(array, affine):
         scale = preprocess.intensity_scale(array)
         return ModelSpaceVolume(
@@ -171,14 +181,14 @@ def to_model_space(array: np.ndarray, affine: np.ndarray,
     stripped = R.to_sitk(np.where(brain, iso_array, 0).astype(np.float32), iso_affine)
     grid = load_grid()
     transform = R.register(grid, stripped, affine=affine_stage)  # step 4
-    on_grid = R.from_sitk(R.resample(native, grid, transform))[0]  # step 5
+    on_grid = R.from_sitk(R.resample(native, grid, transform, interpolator))[0]  # step 5
     mask = R.from_sitk(R.resample(mask_img, grid, transform))[0] > 0.5
     image, scale = _finish(on_grid, mask)
     out = ModelSpaceVolume(image=image, brain=mask, scale=scale, transform=transform)
     for name, (arr, aff) in (others or {}).items():
         moving = _native(arr, aff)
         rigid = R.register(native, moving, affine=False, initial=sitk.Euler3DTransform())
-        warped = R.resample(moving, grid, R.chain(transform, rigid))
+        warped = R.resample(moving, grid, R.chain(transform, rigid), interpolator)
         out.others[name] = _finish(R.from_sitk(warped)[0], mask)[0]
     if labels is not None:
         lab = R.to_sitk(np.asarray(labels, dtype=np.uint8), affine)

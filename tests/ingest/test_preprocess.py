@@ -179,3 +179,18 @@ def test_faiss_works_after_preprocessing_in_one_process():
     done = subprocess.run([sys.executable, "-c", "import faiss; import indexer.faiss_lib"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "import SimpleITK first" in done.stderr
+
+
+def test_step_five_interpolation_is_named_and_only_changes_the_image(off_grid):
+    """``interpolation`` resamples the images only: the brain mask and the grid stay; an
+    unknown name is refused with the known ones."""
+    src = read_nifti(off_grid.t1ce)
+    linear = P.to_model_space(src.array, src.affine)
+    spline = P.to_model_space(src.array, src.affine, interpolation="bspline")
+    np.testing.assert_array_equal(spline.brain, linear.brain)
+    assert not np.array_equal(spline.image, linear.image)
+    both = linear.brain
+    assert np.corrcoef(spline.image[both], linear.image[both])[0, 1] > 0.95
+    with pytest.raises(ValueError, match="unknown interpolation 'cubic': use one of linear, "
+                                         "bspline, lanczos"):
+        P.to_model_space(src.array, src.affine, interpolation="cubic")
