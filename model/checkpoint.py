@@ -110,3 +110,51 @@ def export_checkpoint(src: Path | str, dst: Path | str, note: str | None = None,
         payload["eval_headline"] = eval_headline
     atomic_write(dst, lambda fh: torch.save(payload, fh))
     return payload
+
+
+# What describes one training run's state, not averaged weights: dropped from a soup.
+_RUN_FIELDS = ("optimizer", "step", "train_seconds", "metrics", "best_score", "margin_bank",
+               "exported_from", "note", "eval_headline")
+
+
+def average_checkpoints(srcs: list[Path | str], dst: Path | str) -> dict[str, Any]:
+    """A uniform "model soup" (Wortsman et al., ICML 2022): the element-wise mean of the weights
+    of checkpoints fine-tuned from one start, written atomically to ``dst``.
+
+    Floating-point tensors (weights, BatchNorm statistics, the codebooks and their EMA sums) are
+    averaged in float32; counters and flags (``num_batches_tracked``, a quantizer's
+    ``initialized``) are the first's. The inputs must share preset, model config and tensor
+    names and shapes (``CheckpointError`` names the first mismatch); averaging only helps where
+    their codebook rows still correspond, as in fine-tunes of one checkpoint. The soup keeps the
+    first's recipe (``train_config``: what ``--from-config`` reads) and records its ingredients
+    (``soup_of``: file name and weights sha256 of each); per-run records (step, metrics, note,
+    eval headline, optimizer state) are dropped.
+    """
+    if len(srcs) < 2:
+        raise CheckpointError(Path(dst), "a soup needs two checkpoints or more")
+    payloads = [read_checkpoint(s) for s in srcs]
+    first = payloads[0]
+    for src, p in zip(srcs[1:], payloads[1:], strict=True):
+        if p["preset"] != first["preset"] or p["config"] != first["config"]:
+            raise CheckpointError(Path(src), f"another model than {Path(srcs[0]).name} (preset "
+                                             f"or config differs): cannot average them")
+        for name, tensor in first["model"].items():
+            if name not in p["model"] or p["model"][name].shape != tensor.shape:
+                raise CheckpointError(Path(src), f"tensor {name} is missing or of another shape "
+                                                 f"than in {Path(srcs[0]).name}")
+        if set(p["model"]) != set(first["model"]):
+            raise CheckpointError(Path(src), f"holds tensors {Path(srcs[0]).name} does not")
+    state = {}
+    for name, tensor in first["model"].items():
+        if tensor.is_floating_point():
+            total = sum(p["model"][name].float() for p in payloads)
+            state[name] = (total / len(payloads)).to(tensor.dtype)
+        else:
+            state[name] = tensor.clone()
+    payload = {k: v for k, v in first.items() if k not in _RUN_FIELDS}
+    payload["model"] = state
+    payload["weights_sha256"] = weights_sha256(state)
+    payload["soup_of"] = [{"file": Path(s).name, "weights_sha256": p["weights_sha256"]}
+                          for s, p in zip(srcs, payloads, strict=True)]
+    atomic_write(dst, lambda fh: torch.save(payload, fh))
+    return payload

@@ -531,6 +531,24 @@ def export_checkpoint_cmd(
                f"weights {payload['weights_sha256'][:12]})")
 
 
+@app.command("soup")
+def soup_cmd(
+    checkpoints: Annotated[list[Path], typer.Argument(
+        help="Checkpoints fine-tuned from one start (two or more).")],
+    out: Annotated[Path, typer.Option(help="Checkpoint to write: their averaged weights.")],
+) -> None:
+    """Average the weights of checkpoints of one lineage (a uniform model soup); score the soup
+    on held-out patients before shipping it (python -m bench.selection_samples)."""
+    from model.checkpoint import CheckpointError, average_checkpoints
+
+    try:
+        payload = average_checkpoints(checkpoints, out)
+    except CheckpointError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}: the mean of {len(checkpoints)} checkpoints (preset "
+               f"{payload['preset']}, weights {payload['weights_sha256'][:12]})")
+
+
 @app.command()
 def serve(
     index: Annotated[Path | None, typer.Option(

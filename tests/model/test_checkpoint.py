@@ -107,3 +107,45 @@ def test_export_drops_the_optimizer_and_keeps_the_weights(model, tmp_path):
     x = torch.rand(1, 1, 256, 256)
     with torch.no_grad():
         assert torch.equal(loaded.pseudo_normal(x), model.pseudo_normal(x))
+
+
+def test_a_soup_is_the_mean_of_its_ingredients(model, tmp_path):
+    """Floating tensors averaged, counters kept from the first; run records dropped, the
+    ingredients recorded; the soup loads and is a checkpoint like any other."""
+    from model.checkpoint import average_checkpoints
+
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    save_checkpoint(first, model, "tiny", extra={"step": 7, "train_config": {"lr": 1e-4},
+                                                "optimizer": {}, "metrics": {"x": 1}})
+    other = DecompositionNet(model.config)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    other.normal_quantizer.initialized.fill_(False)
+    save_checkpoint(second, other, "tiny")
+    soup = average_checkpoints([first, second], tmp_path / "soup.pt")
+    a, b = read_checkpoint(first)["model"], read_checkpoint(second)["model"]
+    back = read_checkpoint(tmp_path / "soup.pt")
+    for name, tensor in back["model"].items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(tensor, (a[name] + b[name]) / 2)
+        else:
+            assert torch.equal(tensor, a[name]), name
+    assert back["weights_sha256"] == soup["weights_sha256"]
+    assert back["train_config"] == {"lr": 1e-4}
+    assert not {"step", "optimizer", "metrics"} & set(back)
+    assert [s["file"] for s in back["soup_of"]] == ["a.pt", "b.pt"]
+    load_model(tmp_path / "soup.pt")
+
+
+def test_a_soup_refuses_other_models_and_a_single_checkpoint(model, tmp_path):
+    from model.checkpoint import average_checkpoints
+
+    save_checkpoint(tmp_path / "a.pt", model, "tiny")
+    with pytest.raises(CheckpointError, match="two checkpoints or more"):
+        average_checkpoints([tmp_path / "a.pt"], tmp_path / "soup.pt")
+    bigger = DecompositionNet(preset("small"))
+    save_checkpoint(tmp_path / "b.pt", bigger, "small")
+    with pytest.raises(CheckpointError, match="another model than a.pt"):
+        average_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"], tmp_path / "soup.pt")
+    assert not (tmp_path / "soup.pt").exists()

@@ -221,3 +221,10 @@ def test_bench_model_prints_both_throughputs():
     assert result.exit_code == 0, result.output
     assert "encode" in result.output and "bare stack" in result.output
     assert "ratio" in result.output
+
+
+def test_soup_names_bad_input(tmp_path):
+    result = runner.invoke(app, ["soup", str(tmp_path / "missing.pt"), str(tmp_path / "m2.pt"),
+                                 "--out", str(tmp_path / "soup.pt")])
+    assert result.exit_code == 2 and "missing.pt: checkpoint file not found" in result.output
+    assert not (tmp_path / "soup.pt").exists()
