@@ -31,9 +31,11 @@ MID_LEVEL = 77  # the middle of the 155 axial levels: anatomy donors from the mi
 
 
 XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "issue 22, open: with the shipped checkpoint (stage 6) the composed top 5 hold lesions but "
-    "are the lesion donor's own abnormal-space neighbours (levels 60-83 for an anatomy donor at "
-    "level 81, median 11 away; measured 2026-12-07); with stage 5 they lay at levels 53-71 "
+    "issue 22, open: with the shipped checkpoint (stage 7, the mean of runs S and R) the "
+    "composed top 5 are the lesion donor's own abnormal-space neighbours, 2 of them with a "
+    "lesion (levels 61-106 for an anatomy donor at level 81, median 18 away; measured "
+    "2026-12-07); with stage 6 they held lesions at levels 60-83 (median 11 away), with stage 5 "
+    "at levels 53-71 "
     "(median 20 away), with stage 4 at levels 57-95 (median 18 away); with stage 3 only 2 of "
     "them held a lesion, with stage 2 they were the lesion donor's own neighbours; a checkpoint "
     "that composes must pass this"))
