@@ -244,7 +244,7 @@ def choose_example(table: np.ndarray, codes: np.ndarray, patients: np.ndarray,
         for i, row in enumerate(rows):
             found = [starts[j] + int(np.argmin(d[i, starts[j]:ends[j]])) for j in nearest[i]]
             last = float(per_patient[i, nearest[i, -1]])
-            null = last <= _tolerance(np.array([last]))  # shares the null code with the hits
+            null = last <= 1e-6 * max(1.0, last)  # 0 but for rounding: the hits' null code
             key = (null, -int(flags[found].sum()), last)
             if best_key is None or key < best_key:
                 best_key, best_row = key, int(row)

@@ -405,6 +405,7 @@ def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,
         raise TrainingError("--residue draws on some of the slices --render draws afresh: "
                             "give --render too")
     cases, skipped = _load_cases(data)
+    patients = sorted(c.pid for c in cases)
     fingerprint = data_fingerprint(
         [(c.pid, [f for f in (c.t1ce, c.seg) if f is not None]) for c in cases])
     model_config = dataclasses.replace(model_preset(config.preset),
@@ -413,8 +414,8 @@ def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,
                                        gate_by_position=config.gate_by_position)
     state = None
     if resume and out.exists():
-        state = _resume_state(out, config, fingerprint, sorted(c.pid for c in cases),
-                              accept_new_data, log_line if main else None)
+        state = _resume_state(out, config, fingerprint, patients, accept_new_data,
+                              log_line if main else None)
     elif not resume and out.exists():
         raise TrainingError(f"{out} exists: pass --resume to continue it, or choose another "
                             f"--out")
@@ -465,7 +466,7 @@ def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,
     metrics_path = out.with_name(out.name + ".metrics.jsonl")
     best_path = out.with_name(out.stem + ".best" + out.suffix)
     extra = {"train_config": config.to_dict(), "data_fingerprint": fingerprint,
-             "data_patients": sorted(c.pid for c in cases),
+             "data_patients": patients,
              "held_out_patients": sorted(held_out), "train_data": [str(d) for d in data],
              "hardware": _hardware(device, processes)}
 
