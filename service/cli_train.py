@@ -121,6 +121,10 @@ def train(
         help="With --render: probability that a slice drawn afresh gets a band of dura or "
              "venous sinus along parts of its brain's edge, as skull stripping leaves on real "
              "scans (default 0).")] = None,
+    ema: Annotated[float | None, typer.Option(
+        help="Decay of a moving average of the weights, updated every step; evaluations, "
+             "the selection and <out stem>.best.pt read it (0.999: about the last 1,000 "
+             "steps; default 0: off).")] = None,
     monitor: Annotated[list[Path] | None, typer.Option(
         help="Real cohort measured at every evaluation, never trained on and never used to "
              "select a checkpoint (repeatable).")] = None,
@@ -145,7 +149,7 @@ def train(
         "null_code": null_code, "null_by_slice": null_by_slice,
         "abnormal_gate": abnormal_gate, "gate_by_position": gate_by_position,
         "init_from": None if init_from is None else str(init_from),
-        "render": render, "thick_slices": thick_slices, "residue": residue,
+        "render": render, "thick_slices": thick_slices, "residue": residue, "ema": ema,
         "monitor": None if monitor is None else [str(m) for m in monitor],
         "bf16": bf16, "channels_last": channels_last}.items() if v is not None}
     weights = {k: v for k, v in {"rec": rec_weight, "seg": seg_weight, "sep": sep_weight, "pi": pi,
@@ -169,6 +173,8 @@ def train(
                         ("--residue", residue)):
         if value is not None and not 0 <= value <= 1:
             _fail(f"{name} must lie in [0, 1], got {value}")
+    if ema is not None and not 0 <= ema < 1:
+        _fail(f"--ema must lie in [0, 1), got {ema}")
     if val_fraction is not None and not 0 <= val_fraction < 1:
         _fail(f"--val-fraction must lie in [0, 1), got {val_fraction}")
     if accept_new_data and not resume:

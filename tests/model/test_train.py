@@ -403,3 +403,48 @@ def test_residue_needs_render(cohort, tmp_path):
 
     with pytest.raises(TrainingError, match="--residue.*--render"):
         train([cohort], tmp_path / "run.pt", TrainConfig(steps=1, residue=0.5))
+
+
+def test_weight_average_moves_floats_by_the_decay_and_follows_counters():
+    from model.train import WeightAverage
+
+    live = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    average = WeightAverage(live, decay=0.75)
+    start = live[0].weight.detach().clone()
+    with torch.no_grad():
+        live[0].weight.add_(4.0)
+    live[1].num_batches_tracked += 3
+    average.update(live)
+    # a quarter of the way from the start to the live weights; a counter is the live one's
+    torch.testing.assert_close(average.model[0].weight, start + 1.0)
+    assert int(average.model[1].num_batches_tracked) == 3
+    assert not average.model[0].weight.requires_grad
+    with pytest.raises(TrainingError, match="--ema must lie in"):
+        WeightAverage(live, decay=1.0)
+
+
+def test_ema_run_evaluates_and_keeps_the_averaged_weights_and_resumes_exactly(cohort, full_run,
+                                                                             tmp_path):
+    out, _ = full_run
+    whole, part = tmp_path / "whole.pt", tmp_path / "part.pt"
+    result = train([cohort], whole, _config(ema=0.5), progress=False)
+    state = read_checkpoint(whole)
+    live, averaged = state["model"], state["ema"]
+    name = next(k for k, v in live.items() if v.is_floating_point() and v.dim() == 4)
+    assert not torch.equal(live[name], averaged[name])
+    # The live weights are those of the run without --ema (same steps, same draws) ...
+    for key, tensor in read_checkpoint(out)["model"].items():
+        assert torch.allclose(live[key].float(), tensor.float(), atol=1e-5), key
+    # ... the evaluations read the averaged ones: the record differs from that run's after step 0
+    assert _records(whole)[0]["held_out"] == _records(out)[0]["held_out"]
+    assert _records(whole)[-1]["held_out"] != _records(out)[-1]["held_out"]
+    best = read_checkpoint(result["best_path"])
+    assert best["weights"] == "ema" and "ema" not in best
+    if best["step"] == 8:
+        assert torch.equal(best["model"][name], averaged[name])
+    # Stopped after one step and resumed: the average travels in the checkpoint.
+    train([cohort], part, _config(ema=0.5), progress=False, minutes=1e-9)
+    train([cohort], part, _config(ema=0.5), progress=False, resume=True)
+    again = read_checkpoint(part)["ema"]
+    for key, tensor in averaged.items():
+        assert torch.allclose(again[key].float(), tensor.float(), atol=1e-5), key
