@@ -19,21 +19,16 @@ import torch
 
 from model.checkpoint import load_model, read_checkpoint
 from model.data.dataset import SliceDataset
-from model.data.synth.appearance import SLAB_HALF
 from model.held_out import evaluate
-from model.train import TrainConfig, _load_cases, split_patients
+from model.train import TrainConfig, _load_cases, slice_dataset, split_patients
 
 
 def held_out_slices(data: Path, recipe: dict) -> tuple[SliceDataset, list[int]]:
     """The dataset of the run's held-out patients and the indices of their slices."""
-    base = TrainConfig()
-    fraction = recipe.get("val_fraction", base.val_fraction)
-    seed = recipe.get("seed", base.seed)
+    config = TrainConfig.from_dict(recipe)
     cases, _ = _load_cases([data])
-    held = split_patients([c.pid for c in cases], fraction, seed)
-    dataset = SliceDataset([c for c in cases if c.pid in held], progress=False, twins=held,
-                           tissue=recipe.get("render", base.render) > 0,
-                           slab_half=SLAB_HALF if recipe.get("thick_slices", 0) > 0 else 0)
+    held = split_patients([c.pid for c in cases], config.val_fraction, config.seed)
+    dataset = slice_dataset([c for c in cases if c.pid in held], config, held)
     return dataset, dataset.indices_of(held)
 
 

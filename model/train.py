@@ -346,6 +346,15 @@ def _warm_start(model: DecompositionNet, path: Path, preset: str) -> None:
         model.abnormal_quantizer.reset_null_code()
 
 
+def slice_dataset(cases: list, config: TrainConfig, held_out: set[str],
+                  progress: bool = False) -> SliceDataset:
+    """The slices a run with ``config`` reads: twins for the ``held_out`` patients, tissue maps
+    when it re-renders, and slabs of levels when it draws thick slices. ``bench.selection_samples``
+    scores other checkpoints on the same slices."""
+    return SliceDataset(cases, progress=progress, twins=held_out, tissue=config.render > 0,
+                        slab_half=SLAB_HALF if config.thick_slices > 0 else 0)
+
+
 def _resume_state(out: Path, config: TrainConfig, fingerprint: str, patients: list[str],
                   accept_new_data: bool, log_line: Callable[[str], None] | None) -> dict:
     try:
@@ -464,8 +473,7 @@ def _train(data: list[Path], out: Path, config: TrainConfig, resume: bool,
 
     # The split is drawn from the patients found; only held-out ones need their twins in memory.
     held_out = split_patients([c.pid for c in cases], config.val_fraction, config.seed)
-    dataset = SliceDataset(cases, progress=progress, twins=held_out, tissue=config.render > 0,
-                           slab_half=SLAB_HALF if config.thick_slices > 0 else 0)
+    dataset = slice_dataset(cases, config, held_out, progress)
     skipped += dataset.skipped
     if len(dataset) == 0:
         raise TrainingError("no readable brain slice in the data")
