@@ -4,13 +4,15 @@ two halves, on one index and one query cohort.
     python -m bench.compose_weighting INDEX QUERY_DIR 1,0.3,0.1,0.03
     python -m bench.compose_weighting INDEX QUERY_DIR shortlist:20,lesionlist:50,rrf:60
     python -m bench.compose_weighting INDEX QUERY_DIR lesions:1,lesions:0
+    python -m bench.compose_weighting INDEX QUERY_DIR overlap:1,overlap:2,overlap:3
 
 A number scales the abnormal half's balanced weight; ``lesions:F`` does the same among the
 reference slices with a lesion only (``/compose``'s ``has_abnormality=true`` filter).
 ``shortlist:M`` keeps the M slices nearest in anatomy (normal half) and ranks them by the
 balanced sum; ``lesionlist:M`` keeps the M nearest in lesion (abnormal half) and ranks them by
 anatomy; ``rrf:C`` ranks by reciprocal rank fusion, 1 / (C + normal rank) + 1 / (C + abnormal
-rank). Use a query cohort of its own (not the one the README's table reports) when choosing.
+rank); ``overlap:W`` is /compose's default weighting with ``OVERLAP_WEIGHT`` = W.
+Use a query cohort of its own (not the one the README's table reports) when choosing.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service import retrieval as retrieval_module
 from service.evaluation.protocol import evaluate
 from service.retrieval import Retrieval
 
@@ -57,12 +60,19 @@ def _with_lesion(compose):
     return restricted
 
 
-def main(index: Path, queries: Path, specs: list[str], k: int = 5) -> None:
+def main(index: Path, queries: Path, specs: list[str], k: int = 5,
+         max_queries: int = 64) -> None:
     weights, compose = Retrieval.compose_weights, Retrieval.compose
+    overlap_weight = retrieval_module.OVERLAP_WEIGHT
     try:
         for spec in specs:
+            Retrieval.compose, Retrieval.compose_weights = compose, weights  # each spec alone
+            retrieval_module.OVERLAP_WEIGHT = overlap_weight
             rule, _, size = spec.partition(":")
-            if rule in ("shortlist", "lesionlist", "rrf"):
+            weighting = "balanced"
+            if rule == "overlap":
+                retrieval_module.OVERLAP_WEIGHT, weighting = float(size), "overlap"
+            elif rule in ("shortlist", "lesionlist", "rrf"):
                 Retrieval.compose = _ranked_compose(rule, int(size))
             else:
                 lesions_only = rule == "lesions"
@@ -73,8 +83,8 @@ def main(index: Path, queries: Path, specs: list[str], k: int = 5) -> None:
 
                 Retrieval.compose = _with_lesion(compose) if lesions_only else compose
                 Retrieval.compose_weights = scaled
-            ev = evaluate(index, [queries], ks=(k,), max_queries=64, seed=0, draws=50,
-                          progress=False)
+            ev = evaluate(index, [queries], ks=(k,), max_queries=max_queries, seed=0, draws=50,
+                          progress=False, compose_weighting=weighting)
             fig = ev.result["figures"]["compose"]
 
             def value(name, method, fig=fig):
@@ -86,9 +96,11 @@ def main(index: Path, queries: Path, specs: list[str], k: int = 5) -> None:
                   f"{value('lesion_dice_b', 'random'):.3f})", flush=True)
     finally:
         Retrieval.compose, Retrieval.compose_weights = compose, weights
+        retrieval_module.OVERLAP_WEIGHT = overlap_weight
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
+    if len(sys.argv) not in (4, 5):
         sys.exit(__doc__)
-    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(","))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(","),
+         max_queries=int(sys.argv[4]) if len(sys.argv) == 5 else 64)

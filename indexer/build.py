@@ -46,6 +46,7 @@ from indexer.encoding import (
     read_case,
 )
 from indexer.layout import LAYOUT_VERSION, SPACES
+from indexer.lesion_maps import LesionMaps
 from indexer.reference import Reference
 from ingest.cases import NotInModelSpace, Origin, stage_case, to_model_space
 from ingest.dicom import DicomVolume
@@ -395,6 +396,7 @@ class Indexer:
             report.generation = committed.generation
             report.total_patients = committed.total_patients
             report.total_slices = committed.total_slices
+        self._fill_lesion_maps(engine, model, ckpt["weights_sha256"])
         self._collect_garbage(engine)
         engine.dispose()
         return self._sizes(report, indices)
@@ -420,6 +422,15 @@ class Indexer:
         session.commit()
         return IndexReport(operation=operation, generation=gen, total_patients=patients,
                            total_slices=slices)
+
+    def _fill_lesion_maps(self, engine, model, weights_sha256: str) -> None:
+        """Decode the lesion maps of the codes the index now holds that its cache lacks
+        (``indexer.lesion_maps``), so that the service starts without decoding them."""
+        with Session(engine) as session:
+            slices = read_slice_arrays(session)
+        if slices is not None and len(slices["codes"]):
+            LesionMaps.for_index(self.index_dir, weights_sha256, slices["codes"][:, 1], model,
+                                 next(model.parameters()).device)
 
     def _write_reference(self, session: Session, gen: int,
                          codebooks: dict[str, np.ndarray]) -> None:

@@ -11,6 +11,8 @@
                                             (``indexer.codebook``)
       faiss/reference-<gen>.npz   between-patient nearest-neighbour distances (indexer/reference.py)
       slices/<patient id>.npz     the patient's indexed slices as 8-bit images and label maps
+      lesion-maps.npz             a cache: the lesion map of each distinct abnormal code
+                                  (indexer/lesion_maps.py), for the overlap compose
       .lock                       held by the one writer
 
 How a change stays crash-safe: every change (build, add, remove) writes a NEW generation of the

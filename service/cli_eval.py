@@ -40,8 +40,8 @@ def eval_command(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap draws per interval.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Slices per model batch.")] = 16,
     compose_weighting: Annotated[str, typer.Option(
-        help="How composed queries weigh their halves: balanced (as /compose by default) or "
-             "plain (the paper's concat L2).")] = "balanced",
+        help="How composed queries weigh their halves: overlap (as /compose by default), "
+             "balanced or plain (the paper's concat L2); see /compose.")] = "overlap",
 ) -> None:
     """Score each search space, the composed query and the model's images on query patients of
     another cohort, beside raw-pixel, random and oracle baselines; write a JSON and HTML report."""
@@ -50,9 +50,11 @@ def eval_command(
     from service.evaluation.report import write_report
 
     ks = _ks(k)
-    if compose_weighting not in ("balanced", "plain"):
-        raise typer.BadParameter(f"--compose-weighting is balanced or plain, got "
-                                 f"{compose_weighting!r}")
+    from service.retrieval import COMPOSE_WEIGHTINGS
+
+    if compose_weighting not in COMPOSE_WEIGHTINGS:
+        raise typer.BadParameter(f"--compose-weighting is one of "
+                                 f"{', '.join(COMPOSE_WEIGHTINGS)}, got {compose_weighting!r}")
     for name, value, least in (("--max-queries", max_queries, 0), ("--bootstrap", bootstrap, 1),
                                ("--batch-size", batch_size, 1)):
         if value < least:

@@ -39,17 +39,17 @@ class Neighbor(BaseModel):
     slice_id: int = Field(description="The slice's id (its FAISS id).")
     patient_id: str = Field(description="The patient's external id, e.g. BraTS20_Training_001.")
     slice_index: int = Field(description="Axial index in the patient's RAS+ volume.")
-    distance: float = Field(description="Squared L2 distance in the searched space; for a "
-                                        "balanced /compose, the sum of each half's squared L2 "
-                                        "over its typical best-match distance.")
+    distance: float = Field(description="Squared L2 distance in the searched space; for "
+                                        "/compose, the ranked sum its weighting names (see "
+                                        "/compose).")
     match_percentile: float | None = Field(
         None, description="Share (0-100) of this index's between-patient nearest-neighbour "
                           "distances that are at least `distance`, among sampled slices of the "
                           "query's status (with a lesion for a query with a predicted lesion, "
                           "lesion-free otherwise): 100 for an exact match, about 50 for a "
-                          "typical best match in another patient, near 0 for a poor one; for a "
-                          "balanced /compose, the lower of its two halves'. Null when the index "
-                          "holds one patient.")
+                          "typical best match in another patient, near 0 for a poor one; for an "
+                          "overlap or balanced /compose, the lower of its two halves'. Null "
+                          "when the index holds one patient.")
     has_abnormality: bool | None = Field(
         description="Whether the slice's ground-truth labels hold a lesion; null without labels.")
     image_url: str
@@ -108,8 +108,8 @@ class ComposeResponse(BaseModel):
     space: Literal["concat"] = "concat"
     k: int
     group: Group
-    weighting: Literal["balanced", "plain"] = Field(
-        "balanced", description="How the two halves of the composed code count (see /compose).")
+    weighting: Literal["overlap", "balanced", "plain"] = Field(
+        "overlap", description="How the two halves of the composed code count (see /compose).")
     warnings: list[str] = Field(description="As in SearchResponse.")
     normal_query: QueryInfo
     abnormal_query: QueryInfo

@@ -7,7 +7,8 @@ segmentation; each space is searched through ``Retrieval.search``, the engine th
 Baselines run on the same queries and references in the same run: raw-pixel L2, random, and the
 label oracle. A composed query takes the normal code of query A and the abnormal code of query B
 (another patient, with a lesion) and is searched as /compose searches it (``Retrieval.compose``:
-balanced halves by default, the paper's plain concat L2 with ``compose_weighting="plain"``).
+the anatomy half with the lesion maps' overlap by default, ``compose_weighting="balanced"`` or
+the paper's plain concat L2 with ``"plain"``).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def draw(model, images: np.ndarray, batch_size: int, device: torch.device) -> Dr
 
 def search_rows(retrieval: Retrieval, space: str, normal_idx: np.ndarray,
                 abnormal_idx: np.ndarray, k: int, bar: tqdm,
-                weighting: str = "balanced") -> np.ndarray:
+                weighting: str = "overlap") -> np.ndarray:
     """(Q, k) reference rows (positions in ``retrieval.slice_ids``) the service returns;
     ``space`` "compose": composed queries, as /compose searches them with ``weighting``."""
     out = np.empty((len(normal_idx), k), np.int64)
@@ -241,7 +242,7 @@ def evaluate(index_dir: Path, query_dirs: list[Path], ks: Sequence[int] = (1, 5,
              reference_dirs: list[Path] | None = None, db_url: str | None = None,
              checkpoint: Path | None = None, device: str = "auto", batch_size: int = 16,
              draws: int = 1000, command: str = "", progress: bool = True,
-             compose_weighting: str = "balanced") -> Evaluation:
+             compose_weighting: str = "overlap") -> Evaluation:
     """Run the whole protocol; raises ``EvaluationError`` naming a bad input."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from indexer.layout import SPACES, space_vectors
+from indexer.lesion_maps import decode_maps
 from model.data.preprocess import slice_to_png
+from service.retrieval import OVERLAP_WEIGHT
 
 PNG_PREFIX = "data:image/png;base64,"
 
@@ -155,24 +157,44 @@ def _balanced_brute_force(retrieval, ca, cb, lesion):
     return sorted(total.items(), key=lambda kv: kv[1])
 
 
+def _overlap_brute_force(retrieval, ca, cb, lesion):
+    """Every slice's overlap composed distance: the anatomy half from the stored vectors, the
+    lesion maps decoded afresh from every stored abnormal code (not the index's cache)."""
+    w_normal, _ = retrieval.compose_weights(lesion)
+    q = space_vectors(retrieval.codebooks, ca.normal[None], cb.abnormal[None],
+                      spaces=("normal",))
+    ids, dn = _brute_force(retrieval, "normal", q["normal"][0])
+    rows = np.searchsorted(retrieval.slice_ids, ids)
+    maps = decode_maps(retrieval.model, retrieval.codes[rows, 1])
+    donor = decode_maps(retrieval.model, np.asarray(cb.abnormal).reshape(1, 8, 8))[0]
+    overlap = (2 * (maps * donor).sum(1)) / np.maximum(maps.sum(1) + donor.sum(), 1e-6)
+    total = w_normal * dn + OVERLAP_WEIGHT * (1 - overlap)
+    return sorted(zip(ids.tolist(), total, strict=True), key=lambda kv: kv[1])
+
+
 def test_compose_joins_one_anatomy_with_another_lesion(client, retrieval, indexed_slices):
-    """Balanced (default): each half over its typical best-match distance, summed, exactly
-    (the brute force over every stored vector); plain: the concat space's L2."""
+    """Overlap (default): the anatomy half over its typical best-match distance plus the lesion
+    maps' mismatch, exactly (brute force over every stored vector and code); balanced: each
+    half over its typical best-match distance, summed; plain: the concat space's L2."""
     a, b = indexed_slices[1], indexed_slices[0]  # anatomy of a lesion-free slice, b's lesion
     files = {"normal": ("a.png", slice_to_png(a.image, bits=16)),
              "abnormal": ("b.png", slice_to_png(b.image, bits=16))}
     ca, _ = retrieval.slice_codes(a.slice_id)
     cb, _ = retrieval.slice_codes(b.slice_id)
-    r = client.post("/compose?k=5&group=slice", files=files)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["weighting"] == "balanced"
-    lesion = body["abnormal_query"]["predicted_abnormal_pixels"] > 0
-    expected = _balanced_brute_force(retrieval, ca, cb, lesion)[:5]
-    np.testing.assert_allclose([h["distance"] for h in body["neighbors"]],
-                               [d for _, d in expected], rtol=1e-4)
-    for h in body["neighbors"]:  # the 8 x 8 map still sums to the distance
-        assert np.sum(h["position_distances"]) == pytest.approx(h["distance"], rel=1e-4)
+    for weighting, brute_force in (("overlap", _overlap_brute_force),
+                                   ("balanced", _balanced_brute_force)):
+        query = "" if weighting == "overlap" else f"&weighting={weighting}"
+        r = client.post(f"/compose?k=5&group=slice{query}", files=files)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["weighting"] == weighting
+        lesion = body["abnormal_query"]["predicted_abnormal_pixels"] > 0
+        expected = brute_force(retrieval, ca, cb, lesion)[:5]
+        assert [h["slice_id"] for h in body["neighbors"]] == [i for i, _ in expected]
+        np.testing.assert_allclose([h["distance"] for h in body["neighbors"]],
+                                   [d for _, d in expected], rtol=1e-3)
+        for h in body["neighbors"]:  # the 8 x 8 map still sums to the distance
+            assert np.sum(h["position_distances"]) == pytest.approx(h["distance"], rel=1e-4)
     for key in ("normal_image", "abnormal_image", "composite", "segmentation"):
         assert _png_of(body[key]).shape[:2] == (256, 256)
 
@@ -181,15 +203,16 @@ def test_compose_joins_one_anatomy_with_another_lesion(client, retrieval, indexe
                           spaces=("concat",))["concat"][0]
     _, d = _brute_force(retrieval, "concat", query)
     np.testing.assert_allclose([h["distance"] for h in plain["neighbors"]], d[:5], rtol=1e-4)
-    assert client.post("/compose?weighting=loud", files=files).status_code == 422
+    r = client.post("/compose?weighting=loud", files=files)
+    assert r.status_code == 422 and "overlap" in r.text
 
 
 def test_balanced_compose_of_a_slice_with_itself_finds_it_first(client, indexed_slices,
                                                                   indexed_png):
     s = indexed_slices[0]
     data = indexed_png.read_bytes()
-    body = client.post("/compose?k=3", files={"normal": ("a.png", data),
-                                              "abnormal": ("b.png", data)}).json()
+    body = client.post("/compose?k=3&weighting=balanced",
+                       files={"normal": ("a.png", data), "abnormal": ("b.png", data)}).json()
     first = body["neighbors"][0]
     assert first["slice_id"] == s.slice_id
     assert first["distance"] == pytest.approx(0.0, abs=1e-6)

@@ -75,10 +75,14 @@ GroupQ = Annotated[Literal["slice", "patient"], Query(
                 "nearest patients (k distinct patients whenever k pass the filters); slice: "
                 "the k nearest slices, often neighbouring slices of one patient.")]
 
-WeightingQ = Annotated[Literal["balanced", "plain"], Query(
-    description="balanced: each half's squared distance over its typical best-match distance, "
-                "summed, so that anatomy and lesion count alike; plain: the paper's L2 in the "
-                "concat space, where a lesion code's larger norm decides.")]
+WeightingQ = Annotated[Literal["overlap", "balanced", "plain"], Query(
+    description="overlap (default): the anatomy half's squared distance over its typical "
+                "best-match distance, plus 2 x (1 - the soft Dice between the lesion the model "
+                "reads from each slice's abnormal code and the lesion donor's): this anatomy, "
+                "with a lesion where the donor has one; balanced: each half's squared distance "
+                "over its typical best-match distance, summed (the lesion donor's own "
+                "neighbours tend to come back); plain: the paper's L2 in the concat space, "
+                "where a lesion code's larger norm decides.")]
 
 PreprocessQ = Annotated[bool, Query(
     description="A NIfTI volume not already in the model's space (240 x 240 x 155 at 1 mm, "
@@ -198,7 +202,7 @@ def _info(query: QuerySlice, labels: np.ndarray) -> QueryInfo:
 
 
 def _search(retrieval: Retrieval, space: str, codes: Codes, k: int, timings: Timings,
-            weighting: str = "balanced", **filters) -> list[Hit]:
+            weighting: str = "overlap", **filters) -> list[Hit]:
     try:
         if space == "compose":
             return retrieval.compose(codes, k, timings, weighting=weighting, **filters)
@@ -294,14 +298,15 @@ async def compose(
     k: KQ = 10, normal_slice: SliceQ = None, abnormal_slice: SliceQ = None,
     normal_series: SeriesQ = None, abnormal_series: SeriesQ = None,
     exclude_patient: ExcludeQ = None, has_abnormality: AbnormalQ = None, group: GroupQ = "patient",
-    weighting: WeightingQ = "balanced", preprocess: PreprocessQ = True, strict: StrictQ = False,
+    weighting: WeightingQ = "overlap", preprocess: PreprocessQ = True, strict: StrictQ = False,
 ) -> ComposeResponse:
     """The normal code of `normal` joined with the abnormal code of `abnormal`, searched in the
     concat space, and the image the decoder draws from that pair with its predicted lesion.
 
-    `weighting=balanced` (default) weighs each half by its typical best-match distance, so the
-    hits share the anatomy of `normal` and the lesion of `abnormal`; `plain` is the paper's L2
-    on the concatenated codes."""
+    `weighting=overlap` (default) ranks by the anatomy of `normal` and by how well each slice's
+    lesion, as the model reads it, overlaps the lesion of `abnormal`; `balanced` weighs each
+    code half by its typical best-match distance; `plain` is the paper's L2 on the
+    concatenated codes."""
     _check_k(k, settings)
     _known_patient(retrieval, exclude_patient)
     await _one_file(request, "normal", "abnormal")
@@ -324,7 +329,7 @@ async def compose(
         hits = _search(retrieval, "compose", pair, k, timings, weighting=weighting,
                        exclude_patient=exclude_patient, has_abnormality=has_abnormality,
                        group_by_patient=group == "patient", lesion=lesion)
-        space = "compose" if weighting == "balanced" else "concat"
+        space = "concat" if weighting == "plain" else "compose"
         with timings.stage("render"):
             return ComposeResponse(
                 k=k, group=group, weighting=weighting, normal_query=_info(nq, nd.labels),
