@@ -343,6 +343,7 @@ class Indexer:
                                  skipped=list(skipped))
             new_patients: list[Patient] = []
             new_rows: list[Slice] = []
+            new_abnormal: list[np.ndarray] = []  # the new slices' abnormal codes
             started = time.perf_counter()
             if ray is None:
                 items = encode_cases(model, cases, batch_size, workers, progress=progress)
@@ -359,6 +360,7 @@ class Indexer:
                 next_slice += len(rows)
                 ids = np.array([r.id for r in rows], dtype=np.int64)
                 store.add_slices(indices, books, item.normal_idx, item.abnormal_idx, ids)
+                new_abnormal.append(item.abnormal_idx)
                 store.write_thumbnails(self.index_dir, pid, item.thumbnails)
                 origin = origins.get(item.case.pid)
                 new_patients.append(Patient(
@@ -396,7 +398,11 @@ class Indexer:
             report.generation = committed.generation
             report.total_patients = committed.total_patients
             report.total_slices = committed.total_slices
-        self._fill_lesion_maps(engine, model, ckpt["weights_sha256"])
+        # The lesion maps of the codes just written (indexer.lesion_maps), so that the service
+        # starts without decoding them; after the commit, as a cache may be filled at any time.
+        LesionMaps.for_index(self.index_dir, ckpt["weights_sha256"],
+                             np.concatenate(new_abnormal), model,
+                             next(model.parameters()).device)
         self._collect_garbage(engine)
         engine.dispose()
         return self._sizes(report, indices)
@@ -422,15 +428,6 @@ class Indexer:
         session.commit()
         return IndexReport(operation=operation, generation=gen, total_patients=patients,
                            total_slices=slices)
-
-    def _fill_lesion_maps(self, engine, model, weights_sha256: str) -> None:
-        """Decode the lesion maps of the codes the index now holds that its cache lacks
-        (``indexer.lesion_maps``), so that the service starts without decoding them."""
-        with Session(engine) as session:
-            slices = read_slice_arrays(session)
-        if slices is not None and len(slices["codes"]):
-            LesionMaps.for_index(self.index_dir, weights_sha256, slices["codes"][:, 1], model,
-                                 next(model.parameters()).device)
 
     def _write_reference(self, session: Session, gen: int,
                          codebooks: dict[str, np.ndarray]) -> None:

@@ -71,11 +71,16 @@ class LesionMaps:
     """The maps of one generation's slices: ``maps[rows[i]]`` is slice row i's."""
 
     def __init__(self, maps: np.ndarray, rows: np.ndarray):
-        self.maps = maps  # (U, M) float16
+        self.maps = np.asarray(maps, np.float32)  # (U, M): one per distinct code, 4 KB each
         self.rows = rows  # (N,) int64
 
     def of_rows(self, rows: np.ndarray) -> np.ndarray:
         return self.maps[self.rows[rows]]
+
+    def overlap(self, donor: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Soft Dice of the donor's map against the maps of slice ``rows``: computed once per
+        distinct code, then looked up per slice."""
+        return soft_dice(donor, self.maps)[self.rows[rows]]
 
     @classmethod
     def for_index(cls, index_dir: Path, weights_sha256: str, abnormal: np.ndarray, model,

@@ -29,7 +29,7 @@ from indexer import store
 from indexer.catalog import active_build, bring_up_to_date, open_catalog
 from indexer.faiss_lib import faiss
 from indexer.layout import DIMS, LAYOUT_VERSION, SPACES, position_distances, space_vectors
-from indexer.lesion_maps import LesionMaps, decode_maps, lesion_term, soft_dice
+from indexer.lesion_maps import LesionMaps, decode_maps, lesion_term
 from indexer.reference import COLUMNS, Reference, codebook_tables
 from model.data.render import SEG_PALETTE, grey_rgb, overlay
 from service.catalogue_view import (
@@ -480,7 +480,7 @@ class Retrieval:
                 return []
             halves = self.compose_halves(codes, keep)
             if weighting == "overlap":
-                overlap = soft_dice(donor, self.lesion_maps.of_rows(keep))
+                overlap = self.lesion_maps.overlap(donor, keep)
                 total = w_normal * halves["normal"] + OVERLAP_WEIGHT * (1.0 - overlap)
             else:
                 total = w_normal * halves["normal"] + w_abnormal * halves["abnormal"]
